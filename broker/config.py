@@ -1,0 +1,203 @@
+"""The broker's configuration: a typed tree validated once at start-up.
+
+Sources, later winning: the YAML file, then environment variables named ``WLB_`` + the key
+path in upper case joined by ``_`` (``dicom.port`` -> ``WLB_DICOM_PORT``,
+``jobs.outbound_interval_seconds`` -> ``WLB_JOBS_OUTBOUND_INTERVAL_SECONDS``,
+``mapping`` -> ``WLB_MAPPING``). Environment values are read as YAML scalars, so ``5243``
+is a number and ``true`` a boolean. Relative paths (the SQLite file, the mapping) resolve
+against the folder of the config file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy.engine import make_url
+
+from broker.errors import ConfigError
+
+ENV_PREFIX = "WLB_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite:///data/worklist.db"
+    pool_size: int = Field(20, ge=1, le=500)
+
+
+class DicomConfig(_Section):
+    ae_title: str = Field("WORKLISTS", min_length=1, max_length=16)
+    host: str = "0.0.0.0"
+    port: int = Field(5243, ge=0, le=65535)
+    max_associations: int = Field(64, ge=1, le=1000)
+    network_timeout_seconds: float = Field(60, gt=0)
+    # Calling AE titles allowed to associate; an empty list accepts any modality.
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    max_matches: int = Field(1000, ge=1)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title_chars(cls, value: str) -> str:
+        if value != value.strip() or "\\" in value:
+            raise ValueError("an AE title has no leading/trailing spaces or backslashes")
+        return value
+
+
+class Hl7Config(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(2575, ge=0, le=65535)
+    max_connections: int = Field(32, ge=1)
+    idle_timeout_seconds: float = Field(300, gt=0)
+    max_message_bytes: int = Field(1024 * 1024, ge=1024)
+    # MSH-3 / MSH-4 of the broker's own messages (ACKs and status messages).
+    sending_application: str = "WORKLIST_BROKER"
+    sending_facility: str = ""
+
+
+class RisConfig(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(2576, ge=1, le=65535)
+    connect_timeout_seconds: float = Field(5, gt=0)
+    ack_timeout_seconds: float = Field(30, gt=0)
+    receiving_application: str = "RIS"
+    receiving_facility: str = ""
+    hl7_version: str = "2.3.1"
+
+
+class JobsConfig(_Section):
+    outbound_interval_seconds: float = Field(5, gt=0)
+    purge_cron: str = "0 3 * * *"
+    retention_days: int = Field(30, ge=1)
+    outbound_batch_size: int = Field(100, ge=1)
+
+    @field_validator("purge_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value)
+        except ValueError as exc:
+            raise ValueError(f"not a crontab expression: {exc}") from None
+        return value
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class BrokerConfig(_Section):
+    database: DatabaseConfig = DatabaseConfig()
+    dicom: DicomConfig = DicomConfig()
+    hl7: Hl7Config = Hl7Config()
+    ris: RisConfig = RisConfig()
+    jobs: JobsConfig = JobsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    mapping: Path = Path("mapping.yaml")
+    # Root under which Study Instance UIDs (and MPPS-less status message ids) are generated
+    # when the RIS sends none. Replace with your organisation's registered root.
+    uid_root: str = Field("1.2.826.0.1.3680043.10.1491", pattern=r"^[0-9]+(\.[0-9]+)*$",
+                          max_length=40)
+    # Where the file came from; relative paths in it were resolved against this folder.
+    base_dir: Path = Path(".")
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Turn ``WLB_SECTION_KEY`` variables into a nested dict, refusing names that match no key."""
+    overrides: dict[str, Any] = {}
+    top_fields = BrokerConfig.model_fields
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if rest in top_fields and rest != "base_dir":
+            overrides[rest] = value
+            continue
+        section, _, key = rest.partition("_")
+        field = top_fields.get(section)
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, _Section)
+                and key in model.model_fields):
+            raise ConfigError(f"environment variable {name} names no config key "
+                              "(expected WLB_<SECTION>_<KEY>, e.g. WLB_DICOM_PORT)")
+        if model.model_fields[key].annotation is str:
+            value = raw  # keep "0123" or "2.3" exactly as typed for string keys
+        overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key"
+    given = err.get("input")
+    shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+    return f"{path}: {err['msg']}{shown}"
+
+
+def _resolve_paths(config: BrokerConfig, base_dir: Path) -> BrokerConfig:
+    url = make_url(config.database.url)
+    database = config.database
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        db_path = Path(url.database)
+        if not db_path.is_absolute():
+            db_path = (base_dir / db_path).resolve()
+        database = database.model_copy(
+            update={"url": url.set(database=str(db_path)).render_as_string(hide_password=False)})
+    mapping = config.mapping if config.mapping.is_absolute() else (base_dir / config.mapping)
+    return config.model_copy(update={"database": database, "mapping": mapping.resolve(),
+                                     "base_dir": base_dir})
+
+
+def load_config(path: str | os.PathLike[str] | None,
+                environ: Mapping[str, str] | None = None) -> BrokerConfig:
+    """Read, merge and validate the configuration, or raise ConfigError naming the key."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML: {exc}".replace("\n", " ")) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping of sections")
+        data = loaded or {}
+        if "base_dir" in data:
+            raise ConfigError("base_dir: unknown key")
+        base_dir = file.resolve().parent
+    data = _merge(data, _env_overrides(environ))
+    try:
+        config = BrokerConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc)) from None
+    config = _resolve_paths(config, base_dir)
+    if not config.mapping.is_file():
+        raise ConfigError(f"mapping: cannot read mapping file {config.mapping}")
+    return config

@@ -1,0 +1,143 @@
+"""Plain typed objects that cross the boundary between the edges and the core."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass, field
+
+
+class ItemStatus(enum.StrEnum):
+    SCHEDULED = "SCHEDULED"
+    IN_PROGRESS = "IN PROGRESS"
+    COMPLETED = "COMPLETED"
+    DISCONTINUED = "DISCONTINUED"
+    CANCELLED = "CANCELLED"
+
+
+# What a modality sees by default: work still to do or under way.
+VISIBLE_STATUSES: tuple[ItemStatus, ...] = (ItemStatus.SCHEDULED, ItemStatus.IN_PROGRESS)
+
+
+class OrderControl(enum.StrEnum):
+    NEW = "NW"
+    CHANGE = "XO"
+    CANCEL = "CA"
+
+
+class MppsStatus(enum.StrEnum):
+    IN_PROGRESS = "IN PROGRESS"
+    COMPLETED = "COMPLETED"
+    DISCONTINUED = "DISCONTINUED"
+
+
+@dataclass(frozen=True, slots=True)
+class PatientData:
+    patient_id: str
+    issuer_of_patient_id: str | None = None
+    patient_name: str | None = None  # DICOM PN: family^given^middle^prefix^suffix
+    birth_date: dt.date | None = None
+    sex: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcedureData:
+    """One scheduled procedure step as the RIS ordered it."""
+
+    accession_number: str
+    study_instance_uid: str | None = None
+    requested_procedure_id: str | None = None
+    requested_procedure_description: str | None = None
+    requested_procedure_code_value: str | None = None
+    requested_procedure_code_scheme: str | None = None
+    requested_procedure_code_meaning: str | None = None
+    sps_id: str | None = None
+    sps_description: str | None = None
+    modality: str | None = None
+    scheduled_station_ae_title: str | None = None
+    scheduled_start: dt.datetime | None = None
+    referring_physician_name: str | None = None
+    requesting_physician: str | None = None
+    placer_order_number: str | None = None
+    filler_order_number: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """An order message reduced to what the worklist needs."""
+
+    control: OrderControl
+    patient: PatientData
+    procedure: ProcedureData
+    message_control_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OrderResult:
+    accession_number: str
+    status: ItemStatus
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledStepRef:
+    """One item of an MPPS Scheduled Step Attributes Sequence."""
+
+    accession_number: str | None = None
+    study_instance_uid: str | None = None
+    requested_procedure_id: str | None = None
+    sps_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MppsCreate:
+    sop_instance_uid: str
+    status: str
+    steps: tuple[ScheduledStepRef, ...] = ()
+    start: dt.datetime | None = None
+    performed_station_ae_title: str | None = None
+    calling_ae_title: str | None = None
+    attributes_json: str | None = None  # the whole dataset as DICOM JSON, kept for audits
+
+
+@dataclass(frozen=True, slots=True)
+class MppsSet:
+    sop_instance_uid: str
+    status: str | None = None
+    end: dt.datetime | None = None
+    attributes_json: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MppsResult:
+    sop_instance_uid: str
+    status: MppsStatus
+    linked_accessions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WorklistRow:
+    """A worklist item joined with its patient, as the DICOM edge renders it."""
+
+    patient: PatientData
+    procedure: ProcedureData
+    status: ItemStatus
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEvent:
+    """What the outbox carries to the RIS: an order's new status (ORC-5 IP / CM / DC)."""
+
+    order_status: str
+    accession_number: str
+    placer_order_number: str | None = None
+    filler_order_number: str | None = None
+    patient_id: str | None = None
+    issuer_of_patient_id: str | None = None
+    patient_name: str | None = None
+    requested_procedure_code_value: str | None = None
+    requested_procedure_code_scheme: str | None = None
+    requested_procedure_code_meaning: str | None = None
+    mpps_sop_instance_uid: str | None = None
+    event_time: dt.datetime | None = None
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,123 @@
+"""The database schema: declarations only; queries live with the code that needs them."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), unique=True)
+    issuer_of_patient_id: Mapped[str | None] = mapped_column(String(64))
+    # DICOM PN (family^given^middle^prefix^suffix), at most 64 chars per component group.
+    patient_name: Mapped[str | None] = mapped_column(String(324), index=True)
+    birth_date: Mapped[dt.date | None] = mapped_column(Date)
+    sex: Mapped[str | None] = mapped_column(String(16))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    items: Mapped[list[WorklistItem]] = relationship(back_populates="patient")
+
+
+class WorklistItem(Base):
+    __tablename__ = "worklist_item"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    accession_number: Mapped[str] = mapped_column(String(16), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    requested_procedure_id: Mapped[str | None] = mapped_column(String(16))
+    requested_procedure_description: Mapped[str | None] = mapped_column(String(64))
+    requested_procedure_code_value: Mapped[str | None] = mapped_column(String(64))
+    requested_procedure_code_scheme: Mapped[str | None] = mapped_column(String(64))
+    requested_procedure_code_meaning: Mapped[str | None] = mapped_column(String(64))
+    sps_id: Mapped[str | None] = mapped_column(String(16))
+    sps_description: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    scheduled_station_ae_title: Mapped[str | None] = mapped_column(String(16))
+    scheduled_start: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    referring_physician_name: Mapped[str | None] = mapped_column(String(324))
+    requesting_physician: Mapped[str | None] = mapped_column(String(324))
+    placer_order_number: Mapped[str | None] = mapped_column(String(64))
+    filler_order_number: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    last_message_control_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    patient: Mapped[Patient] = relationship(back_populates="items")
+    mpps: Mapped[list[MPPSTracking]] = relationship(back_populates="item")
+
+    __table_args__ = (
+        # The typical modality poll: visible statuses, one day, one modality or station.
+        Index("ix_item_status_start", "status", "scheduled_start"),
+        Index("ix_item_modality_start", "modality", "scheduled_start"),
+        Index("ix_item_station_start", "scheduled_station_ae_title", "scheduled_start"),
+        Index("ix_item_scheduled_start", "scheduled_start"),
+    )
+
+
+class MPPSTracking(Base):
+    __tablename__ = "mpps_tracking"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    # Nullable: an unscheduled MPPS (emergency, no order) is still kept for administrators.
+    worklist_item_fk: Mapped[int | None] = mapped_column(
+        ForeignKey("worklist_item.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    start_datetime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    end_datetime: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    performed_station_ae_title: Mapped[str | None] = mapped_column(String(16))
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    attributes_json: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    item: Mapped[WorklistItem | None] = relationship(back_populates="mpps")
+
+
+class OutboxState:
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class OutboxMessage(Base):
+    """A status message for the RIS, written in the same transaction as the change it reports."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Stable MSH-10: a resend after a lost ACK carries the same id so the RIS can drop it.
+    message_control_id: Mapped[str] = mapped_column(String(64), unique=True)
+    accession_number: Mapped[str] = mapped_column(String(16), index=True)
+    event: Mapped[str] = mapped_column(String(8))
+    payload_json: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default=OutboxState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (Index("ix_outbox_state_id", "state", "id"),)

@@ -1,0 +1,154 @@
+"""record_mpps_create / record_mpps_set: MPPS state, the item's status, and the RIS outbox.
+
+Statuses and their DICOM codes follow PS3.4 Annex F and PS3.7 C.4: 0x0106 invalid attribute
+value, 0x0110 processing failure, 0x0111 duplicate SOP instance, 0x0112 no such SOP instance.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from broker import outbox
+from broker.domain import (
+    ItemStatus,
+    MppsCreate,
+    MppsResult,
+    MppsSet,
+    MppsStatus,
+    ScheduledStepRef,
+    StatusEvent,
+)
+from broker.errors import MppsError
+from broker.models import MPPSTracking, WorklistItem
+
+log = logging.getLogger(__name__)
+
+INVALID_ATTRIBUTE_VALUE = 0x0106
+PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111
+NO_SUCH_SOP_INSTANCE = 0x0112
+
+# ORC-5 order status (HL7 table 0038) the RIS receives for each MPPS state.
+_ORDER_STATUS = {
+    MppsStatus.IN_PROGRESS: "IP",
+    MppsStatus.COMPLETED: "CM",
+    MppsStatus.DISCONTINUED: "DC",
+}
+_ITEM_STATUS = {
+    MppsStatus.IN_PROGRESS: ItemStatus.IN_PROGRESS,
+    MppsStatus.COMPLETED: ItemStatus.COMPLETED,
+    MppsStatus.DISCONTINUED: ItemStatus.DISCONTINUED,
+}
+
+
+def _linked_items(session: Session, steps: tuple[ScheduledStepRef, ...]) -> list[WorklistItem]:
+    """The items an MPPS reports on: by accession number, else by Study Instance UID."""
+    found: dict[int, WorklistItem] = {}
+    for step in steps:
+        if step.accession_number:
+            query = select(WorklistItem).where(
+                WorklistItem.accession_number == step.accession_number)
+        elif step.study_instance_uid:
+            query = select(WorklistItem).where(
+                WorklistItem.study_instance_uid == step.study_instance_uid)
+        else:
+            continue
+        for item in session.scalars(query):
+            found.setdefault(item.id, item)
+    return list(found.values())
+
+
+def _status_event(item: WorklistItem, status: MppsStatus, mpps_uid: str,
+                  when: dt.datetime | None) -> StatusEvent:
+    patient = item.patient
+    return StatusEvent(
+        order_status=_ORDER_STATUS[status],
+        accession_number=item.accession_number,
+        placer_order_number=item.placer_order_number,
+        filler_order_number=item.filler_order_number,
+        patient_id=patient.patient_id,
+        issuer_of_patient_id=patient.issuer_of_patient_id,
+        patient_name=patient.patient_name,
+        requested_procedure_code_value=item.requested_procedure_code_value,
+        requested_procedure_code_scheme=item.requested_procedure_code_scheme,
+        requested_procedure_code_meaning=item.requested_procedure_code_meaning,
+        mpps_sop_instance_uid=mpps_uid,
+        event_time=when,
+    )
+
+
+def _report(session: Session, item: WorklistItem, status: MppsStatus, mpps_uid: str,
+            when: dt.datetime | None) -> None:
+    item.status = _ITEM_STATUS[status]
+    outbox.enqueue(session, _status_event(item, status, mpps_uid, when))
+
+
+def record_mpps_create(session: Session, request: MppsCreate) -> MppsResult:
+    """N-CREATE: a procedure step has started on a modality."""
+    if request.status != MppsStatus.IN_PROGRESS:
+        raise MppsError(INVALID_ATTRIBUTE_VALUE,
+                        f"PerformedProcedureStepStatus must be IN PROGRESS on N-CREATE, "
+                        f"not {request.status!r}")
+    exists = session.scalars(select(MPPSTracking.id).where(
+        MPPSTracking.sop_instance_uid == request.sop_instance_uid)).first()
+    if exists is not None:
+        raise MppsError(DUPLICATE_SOP_INSTANCE,
+                        f"MPPS {request.sop_instance_uid} already exists")
+    items = _linked_items(session, request.steps)
+    record = MPPSTracking(
+        sop_instance_uid=request.sop_instance_uid,
+        item=items[0] if items else None,
+        status=MppsStatus.IN_PROGRESS,
+        start_datetime=request.start,
+        performed_station_ae_title=request.performed_station_ae_title,
+        calling_ae_title=request.calling_ae_title,
+        attributes_json=request.attributes_json,
+    )
+    session.add(record)
+    for item in items:
+        _report(session, item, MppsStatus.IN_PROGRESS, request.sop_instance_uid, request.start)
+    session.flush()
+    accessions = tuple(item.accession_number for item in items)
+    if not items:
+        log.warning("MPPS %s matches no scheduled item (unscheduled procedure) calling_ae=%s",
+                    request.sop_instance_uid, request.calling_ae_title)
+    log.info("MPPS created uid=%s accessions=%s", request.sop_instance_uid, ",".join(accessions))
+    return MppsResult(request.sop_instance_uid, MppsStatus.IN_PROGRESS, accessions)
+
+
+def record_mpps_set(session: Session, request: MppsSet) -> MppsResult:
+    """N-SET: attributes changed, and possibly the step completed or was discontinued."""
+    record = session.scalars(select(MPPSTracking).where(
+        MPPSTracking.sop_instance_uid == request.sop_instance_uid)).one_or_none()
+    if record is None:
+        raise MppsError(NO_SUCH_SOP_INSTANCE, f"no MPPS {request.sop_instance_uid}")
+    if record.status != MppsStatus.IN_PROGRESS:
+        # PS3.4 F.7.2.2: once COMPLETED or DISCONTINUED the instance may no longer be updated.
+        raise MppsError(PROCESSING_FAILURE,
+                        "Performed Procedure Step Object may no longer be updated")
+    new_status = MppsStatus.IN_PROGRESS
+    if request.status is not None:
+        try:
+            new_status = MppsStatus(request.status)
+        except ValueError:
+            raise MppsError(INVALID_ATTRIBUTE_VALUE,
+                            f"PerformedProcedureStepStatus {request.status!r} is not "
+                            "IN PROGRESS, COMPLETED or DISCONTINUED") from None
+    if request.attributes_json is not None:
+        record.attributes_json = request.attributes_json
+    if request.end is not None:
+        record.end_datetime = request.end
+    accessions: tuple[str, ...] = ()
+    if new_status is not MppsStatus.IN_PROGRESS:
+        record.status = new_status
+        if record.item is not None:
+            _report(session, record.item, new_status, record.sop_instance_uid, request.end)
+            accessions = (record.item.accession_number,)
+    session.flush()
+    log.info("MPPS set uid=%s status=%s accessions=%s", record.sop_instance_uid, new_status,
+             ",".join(accessions))
+    return MppsResult(record.sop_instance_uid, new_status, accessions)

@@ -1,0 +1,114 @@
+"""apply_order: what an order message does to the stored patients and worklist items."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from broker.domain import (
+    ItemStatus,
+    Order,
+    OrderControl,
+    OrderResult,
+    PatientData,
+    ProcedureData,
+)
+from broker.errors import InvalidOrder, UnknownOrder
+from broker.models import Patient, WorklistItem
+from broker.uids import generate_uid
+
+log = logging.getLogger(__name__)
+
+# DICOM value length limits (PS3.5 table 6.2-1) of the attributes the store keys on.
+_MAX_ACCESSION = 16  # SH
+_MAX_PATIENT_ID = 64  # LO
+
+
+def _check_keys(order: Order) -> None:
+    accession = order.procedure.accession_number
+    if not accession:
+        raise InvalidOrder("AccessionNumber is required", attribute="AccessionNumber")
+    if len(accession) > _MAX_ACCESSION:
+        raise InvalidOrder(f"AccessionNumber {accession!r} is longer than 16 characters",
+                           attribute="AccessionNumber", code="102")
+    patient_id = order.patient.patient_id
+    if not patient_id:
+        raise InvalidOrder("PatientID is required", attribute="PatientID")
+    if len(patient_id) > _MAX_PATIENT_ID:
+        raise InvalidOrder("PatientID is longer than 64 characters", attribute="PatientID",
+                           code="102")
+
+
+def _upsert_patient(session: Session, data: PatientData) -> Patient:
+    patient = session.scalars(
+        select(Patient).where(Patient.patient_id == data.patient_id)).one_or_none()
+    if patient is None:
+        patient = Patient(patient_id=data.patient_id)
+        session.add(patient)
+    # The RIS is the master of demographics: the latest order wins, empty values included
+    # only where the order carried the field at all.
+    for name in ("issuer_of_patient_id", "patient_name", "birth_date", "sex"):
+        value = getattr(data, name)
+        if value is not None:
+            setattr(patient, name, value)
+    return patient
+
+
+def _fill_item(item: WorklistItem, data: ProcedureData) -> None:
+    for name in ProcedureData.__slots__:
+        if name in ("accession_number", "study_instance_uid"):
+            continue
+        value = getattr(data, name)
+        if value is not None:
+            setattr(item, name, value)
+
+
+def _find_item(session: Session, accession: str) -> WorklistItem | None:
+    return session.scalars(
+        select(WorklistItem).where(WorklistItem.accession_number == accession)).one_or_none()
+
+
+def apply_order(session: Session, order: Order, *, uid_root: str) -> OrderResult:
+    """Apply one order inside the caller's transaction.
+
+    NW creates the item (or updates it when the RIS sends the same order again), XO changes it
+    keeping its Study Instance UID, CA cancels it so that modalities no longer see it.
+    """
+    _check_keys(order)
+    accession = order.procedure.accession_number
+    item = _find_item(session, accession)
+
+    if order.control is OrderControl.CANCEL:
+        if item is None:
+            raise UnknownOrder(accession)
+        item.status = ItemStatus.CANCELLED
+        item.last_message_control_id = order.message_control_id
+        log.info("order cancelled accession=%s msh10=%s", accession, order.message_control_id)
+        return OrderResult(accession, ItemStatus.CANCELLED, created=False)
+
+    if order.control is OrderControl.CHANGE and item is None:
+        raise UnknownOrder(accession)
+
+    patient = _upsert_patient(session, order.patient)
+    created = item is None
+    if item is None:
+        item = WorklistItem(
+            accession_number=accession,
+            study_instance_uid=order.procedure.study_instance_uid or generate_uid(uid_root),
+            status=ItemStatus.SCHEDULED,
+        )
+        session.add(item)
+    elif order.procedure.study_instance_uid and order.control is OrderControl.NEW:
+        item.study_instance_uid = order.procedure.study_instance_uid
+    if order.control is OrderControl.NEW and item.status == ItemStatus.CANCELLED:
+        # A new order reusing a cancelled accession puts it back on the worklist.
+        item.status = ItemStatus.SCHEDULED
+    item.patient = patient
+    _fill_item(item, order.procedure)
+    item.last_message_control_id = order.message_control_id
+    session.flush()
+    log.info("order %s accession=%s msh10=%s", "created" if created else "updated",
+             accession, order.message_control_id)
+    return OrderResult(accession, ItemStatus(item.status), created=created)

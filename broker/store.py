@@ -1,0 +1,97 @@
+"""The database behind the broker: engines, sessions and schema, and nothing else.
+
+Every unit of work opens its own session through :class:`Store` (``with store.writing() as s``)
+so that no session is ever shared between pynetdicom's association threads or the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from broker.models import Base
+
+log = logging.getLogger(__name__)
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event emit BEGIN itself; pysqlite's implicit transactions
+    # start too late (at the first write) for the IMMEDIATE locking below.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    # WAL lets C-FIND readers run while an order commits; synchronous=FULL makes a commit
+    # durable before the HL7 ACK goes out; busy_timeout turns writer contention into a wait.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_engine(url: str, begin: str, pool_size: int) -> Engine:
+    engine = create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_timeout=30,
+        connect_args={"check_same_thread": False, "timeout": 10},
+    )
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(begin))
+    return engine
+
+
+class Store:
+    """One database, with a session per unit of work.
+
+    On SQLite, writers start with ``BEGIN IMMEDIATE``: a deferred transaction that reads and
+    then writes fails with SQLITE_BUSY (no wait) when another writer committed in between.
+    Readers keep plain deferred transactions so C-FIND never queues behind an order.
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 20) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self.backend = parsed.get_backend_name()
+        if self.backend == "sqlite":
+            if parsed.database in (None, "", ":memory:"):
+                # Each thread would see its own empty database.
+                raise ValueError("an in-memory SQLite database cannot be shared between "
+                                 "threads; give a file path")
+            self.write_engine = _sqlite_engine(url, "BEGIN IMMEDIATE", pool_size)
+            self.read_engine = _sqlite_engine(url, "BEGIN", pool_size)
+        else:
+            self.write_engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size,
+                                              pool_pre_ping=True)
+            self.read_engine = self.write_engine
+        self._write = sessionmaker(self.write_engine, expire_on_commit=False)
+        self._read = sessionmaker(self.read_engine, expire_on_commit=False)
+
+    def create_schema(self) -> None:
+        Base.metadata.create_all(self.write_engine)
+
+    @contextmanager
+    def writing(self) -> Iterator[Session]:
+        """A transaction that commits when the block ends and rolls back if it raises."""
+        with self._write.begin() as session:
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only unit of work; whatever it changes is rolled back."""
+        session = self._read()
+        try:
+            yield session
+        finally:
+            session.close()
+
+    def dispose(self) -> None:
+        self.write_engine.dispose()
+        if self.read_engine is not self.write_engine:
+            self.read_engine.dispose()
