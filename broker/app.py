@@ -1,0 +1,109 @@
+"""The composition root: builds the store, the MLLP listener, the DICOM SCP and the scheduler
+from the configuration, starts them in that order and stops them in reverse.
+
+This module and ``broker.cli`` are the only ones that import both the core and the edges.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy.engine import make_url
+
+from broker.config import BrokerConfig
+from broker.dicom.scp import DicomServer
+from broker.purge import purge
+from broker.store import Store
+from hl7_listener.handler import OrderMessageHandler
+from hl7_listener.mapping import load_mapping
+from hl7_listener.outbound import OutboundSender
+from hl7_listener.samples import load_samples
+from hl7_listener.server import MllpServer
+from hl7_listener.status_message import parse_ack
+
+log = logging.getLogger(__name__)
+
+
+def open_store(config: BrokerConfig) -> Store:
+    """The configured database, with its schema created on first use."""
+    url = make_url(config.database.url)
+    if url.get_backend_name() == "sqlite" and url.database:
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    store = Store(config.database.url, pool_size=config.database.pool_size)
+    store.create_schema()
+    return store
+
+
+class Broker:
+    """Everything ``worklist-broker serve`` runs, in one process."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.store = open_store(config)
+        self.handler = OrderMessageHandler(
+            self.store, load_mapping(config.mapping), uid_root=config.uid_root,
+            sending_application=config.hl7.sending_application,
+            sending_facility=config.hl7.sending_facility)
+        self.mllp = MllpServer(
+            self.handler.handle, host=config.hl7.host, port=config.hl7.port,
+            max_connections=config.hl7.max_connections,
+            idle_timeout=config.hl7.idle_timeout_seconds,
+            max_message_bytes=config.hl7.max_message_bytes)
+        self.dicom = DicomServer(config.dicom, self.store)
+        self.outbound = OutboundSender(self.store, config.ris, config.hl7,
+                                       batch_size=config.jobs.outbound_batch_size)
+        self.scheduler = BackgroundScheduler()
+        self._purge_lock = threading.Lock()
+
+    def load_samples(self, directory: Path, today: dt.date | None = None) -> int:
+        """Send the sample orders through the same path as orders from the RIS; returns how
+        many were accepted."""
+        accepted = 0
+        for name, message in load_samples(directory, today or dt.date.today()):
+            ack = parse_ack(self.handler.handle(message))
+            if ack.code == "AA":
+                accepted += 1
+            else:
+                log.warning("sample %s not accepted: %s %s", name, ack.code, ack.text)
+        log.info("loaded %d of the sample messages in %s", accepted, directory)
+        return accepted
+
+    def run_purge(self) -> None:
+        with self._purge_lock:
+            purge(self.store, retention_days=self.config.jobs.retention_days)
+
+    def start(self) -> None:
+        self.dicom.start()
+        try:
+            self.mllp.start()
+        except Exception:
+            self.dicom.stop()
+            raise
+        jobs = self.config.jobs
+        if self.config.ris.enabled:
+            self.scheduler.add_job(
+                self.outbound.run_once, "interval", seconds=jobs.outbound_interval_seconds,
+                id="outbound", max_instances=1, coalesce=True,
+                next_run_time=dt.datetime.now())
+        self.scheduler.add_job(self.run_purge, CronTrigger.from_crontab(jobs.purge_cron),
+                               id="purge", max_instances=1, coalesce=True)
+        self.scheduler.start()
+        log.info("broker started: DICOM %s on %s:%d, HL7 on %s:%d, RIS outbound %s",
+                 self.config.dicom.ae_title, self.config.dicom.host, self.dicom.port,
+                 self.config.hl7.host, self.mllp.port,
+                 f"to {self.config.ris.host}:{self.config.ris.port}"
+                 if self.config.ris.enabled else "disabled")
+
+    def stop(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        self.mllp.stop()
+        self.dicom.stop()
+        self.outbound.close()
+        self.store.dispose()
+        log.info("broker stopped")

@@ -1,0 +1,191 @@
+"""The ``worklist-broker`` command: serve, purge, and the administrator's tools.
+
+Every failure ends as one line on stderr and a non-zero exit status: 2 for an invalid
+configuration or invocation, 1 for anything else that went wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from broker import __version__
+from broker.config import BrokerConfig, load_config
+from broker.errors import BrokerError, ConfigError
+from broker.logs import configure_logging
+
+log = logging.getLogger("broker.cli")
+
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+class CommandError(Exception):
+    """A failure to report as one line with exit status 1."""
+
+
+def _config(args: argparse.Namespace) -> BrokerConfig:
+    config = load_config(args.config)
+    configure_logging(config.logging.level)
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from broker.app import Broker
+
+    config = _config(args)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    broker = Broker(config)
+    try:
+        broker.start()
+    except OSError as exc:
+        broker.stop()
+        raise CommandError(f"cannot listen: {exc}") from None
+    try:
+        if args.load_samples:
+            samples = Path(args.samples_dir) if args.samples_dir else (
+                config.base_dir.parent / "sample_messages")
+            if not samples.is_dir():
+                raise CommandError(f"no sample messages folder at {samples}")
+            broker.load_samples(samples)
+        # Signals only interrupt the main thread: wait here, in bounded slices.
+        while not stop.wait(1.0):
+            pass
+    finally:
+        broker.stop()
+    return 0
+
+
+def _purge(args: argparse.Namespace) -> int:
+    from broker.app import open_store
+    from broker.purge import purge
+
+    config = _config(args)
+    store = open_store(config)
+    try:
+        result = purge(store, retention_days=config.jobs.retention_days, dry_run=args.dry_run)
+    finally:
+        store.dispose()
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb}: {result.worklist_items} worklist items, {result.mpps} MPPS records, "
+          f"{result.patients} patients, {result.outbox} sent status messages")
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from hl7_listener.mllp import MllpClient, MllpError
+    from hl7_listener.samples import render_sample
+    from hl7_listener.status_message import parse_ack
+
+    try:
+        text = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
+    # Sample files carry {TODAY}-style placeholders; real RIS exports pass through unchanged.
+    message = render_sample(text.decode("utf-8", errors="surrogateescape"),
+                            dt.date.today()).encode("utf-8", errors="surrogateescape")
+    try:
+        with MllpClient(args.host, args.port, connect_timeout=args.timeout,
+                        read_timeout=args.timeout) as client:
+            reply = client.send(message)
+    except MllpError as exc:
+        raise CommandError(f"cannot send to {args.host}:{args.port}: {exc}") from None
+    print(reply.decode("utf-8", errors="replace").replace("\r", "\n").rstrip("\n"))
+    try:
+        ack = parse_ack(reply)
+    except BrokerError as exc:
+        raise CommandError(f"the reply is not an ACK: {exc}") from None
+    except Exception as exc:
+        raise CommandError(f"the reply is not an ACK: {exc}") from None
+    return 0 if ack.code in ("AA", "CA") else EXIT_FAILURE
+
+
+def _mpps(args: argparse.Namespace) -> int:
+    from broker.dicom.mpps_scu import MppsScuError, send_mpps
+
+    try:
+        outcome = send_mpps(args.action, accession=args.accession, host=args.host,
+                            port=args.port, called_aet=args.aet, calling_aet=args.calling_aet,
+                            sop_instance_uid=args.uid, study_instance_uid=args.study_uid,
+                            modality=args.modality, timeout=args.timeout)
+    except MppsScuError as exc:
+        raise CommandError(str(exc)) from None
+    comment = f" ({outcome.error_comment})" if outcome.error_comment else ""
+    print(f"MPPS {args.action} accession={args.accession} uid={outcome.sop_instance_uid} "
+          f"status=0x{outcome.status:04X}{comment}")
+    return 0 if outcome.status == 0 else EXIT_FAILURE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worklist-broker",
+        description="HL7-fed DICOM Modality Worklist and MPPS broker.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the MLLP listener, DICOM SCP and scheduler")
+    serve.add_argument("--config", default="config/broker.yaml", help="config file "
+                       "(default: config/broker.yaml)")
+    serve.add_argument("--load-samples", action="store_true",
+                       help="at start, ingest the sample orders through the HL7 path")
+    serve.add_argument("--samples-dir", help="sample orders folder (default: sample_messages "
+                       "next to the config folder)")
+    serve.set_defaults(func=_serve)
+
+    purge = commands.add_parser("purge", help="delete expired worklist items once")
+    purge.add_argument("--config", default="config/broker.yaml")
+    purge.add_argument("--dry-run", action="store_true", help="only count what would go")
+    purge.set_defaults(func=_purge)
+
+    send = commands.add_parser("send", help="send an HL7 file over MLLP and print the ACK")
+    send.add_argument("file", help="HL7 message file ({TODAY}-style placeholders are filled)")
+    send.add_argument("--host", default="127.0.0.1")
+    send.add_argument("--port", type=int, default=2575)
+    send.add_argument("--timeout", type=float, default=30.0)
+    send.set_defaults(func=_send)
+
+    mpps = commands.add_parser("mpps", help="act as a modality: send MPPS N-CREATE / N-SET")
+    mpps.add_argument("action", choices=["in-progress", "completed", "discontinued"])
+    mpps.add_argument("--accession", required=True, help="AccessionNumber of the order")
+    mpps.add_argument("--host", default="127.0.0.1")
+    mpps.add_argument("--port", type=int, default=5243)
+    mpps.add_argument("--aet", default="WORKLISTS", help="called AE title (default WORKLISTS)")
+    mpps.add_argument("--calling-aet", default="MPPS_SCU")
+    mpps.add_argument("--uid", help="MPPS SOP Instance UID (default: derived from the "
+                      "accession, so in-progress and completed agree)")
+    mpps.add_argument("--study-uid", help="StudyInstanceUID for the scheduled step")
+    mpps.add_argument("--modality", default="OT")
+    mpps.add_argument("--timeout", type=float, default=30.0)
+    mpps.set_defaults(func=_mpps)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"worklist-broker: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (CommandError, BrokerError) as exc:
+        print(f"worklist-broker: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The road back to the RIS: outbox rows rendered as HL7 status messages and sent over MLLP.
+
+Messages go out strictly in outbox order and a run stops at the first failure, so an order's
+IP always reaches the RIS before its CM. A message counts as sent only when the RIS answers
+AA (or CA) with MSA-2 equal to its MSH-10; the MSH-10 is stored with the row, so a resend after
+a lost ACK carries the same id and the RIS can drop the duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from broker import outbox
+from broker.config import Hl7Config, RisConfig
+from broker.store import Store
+from hl7_listener.message import MessageError
+from hl7_listener.mllp import MllpClient, MllpError
+from hl7_listener.status_message import parse_ack, render_status_message
+
+log = logging.getLogger(__name__)
+
+_POSITIVE = frozenset({"AA", "CA"})
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundReport:
+    sent: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    id: int
+    message_control_id: str
+    accession_number: str
+    payload_json: str
+
+
+class OutboundSender:
+    """Delivers pending outbox messages; one instance per broker, run by one job at a time."""
+
+    def __init__(self, store: Store, ris: RisConfig, hl7: Hl7Config, *, batch_size: int) -> None:
+        self._store = store
+        self._ris = ris
+        self._hl7 = hl7
+        self._batch_size = batch_size
+        self._client = MllpClient(ris.host, ris.port, connect_timeout=ris.connect_timeout_seconds,
+                                  read_timeout=ris.ack_timeout_seconds)
+
+    def _pending(self) -> list[_Pending]:
+        with self._store.reading() as session:
+            return [_Pending(m.id, m.message_control_id, m.accession_number, m.payload_json)
+                    for m in outbox.pending(session, self._batch_size)]
+
+    def _render(self, message: _Pending) -> bytes:
+        return render_status_message(
+            outbox.decode_event(message.payload_json),
+            message_control_id=message.message_control_id,
+            sending_application=self._hl7.sending_application,
+            sending_facility=self._hl7.sending_facility,
+            receiving_application=self._ris.receiving_application,
+            receiving_facility=self._ris.receiving_facility,
+            version=self._ris.hl7_version,
+        )
+
+    def _deliver(self, message: _Pending) -> str | None:
+        """Send one message; None when the RIS accepted it, else why not."""
+        try:
+            reply = self._client.send(self._render(message))
+        except MllpError as exc:
+            return f"RIS {self._ris.host}:{self._ris.port} unreachable: {exc}"
+        try:
+            ack = parse_ack(reply)
+        except MessageError as exc:
+            return f"RIS answered something that is not an ACK: {exc}"
+        if ack.control_id != message.message_control_id:
+            return (f"ACK MSA-2 {ack.control_id!r} does not match MSH-10 "
+                    f"{message.message_control_id!r}")
+        if ack.code not in _POSITIVE:
+            return f"RIS answered {ack.code}: {ack.text or 'no reason given'}"
+        return None
+
+    def run_once(self) -> OutboundReport:
+        sent = 0
+        for message in self._pending():
+            error = self._deliver(message)
+            if error is not None:
+                with self._store.writing() as session:
+                    outbox.record_failure(session, message.id, error)
+                log.warning("status message not delivered msh10=%s accession=%s: %s",
+                            message.message_control_id, message.accession_number, error)
+                # Later messages may belong to the same order: stop to keep them in order.
+                return OutboundReport(sent=sent, failed=1)
+            with self._store.writing() as session:
+                outbox.mark_sent(session, message.id)
+            sent += 1
+            log.info("status message sent msh10=%s accession=%s",
+                     message.message_control_id, message.accession_number)
+        return OutboundReport(sent=sent, failed=0)
+
+    def close(self) -> None:
+        self._client.close()
