@@ -1,0 +1,30 @@
+# Two commands for a fresh machine:
+#   make run   - install into .venv and start the broker on SQLite with the sample orders
+#   make test  - install into .venv (and DCMTK via apt-get) and run every test
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install run test lint dcmtk clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	$(BIN)/worklist-broker serve --config config/broker.yaml --load-samples
+
+dcmtk:
+	@bash .ci/install-dcmtk
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install dcmtk lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) config/data

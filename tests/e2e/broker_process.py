@@ -1,0 +1,84 @@
+"""Start the real ``worklist-broker serve`` process on free ports for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tests.support import free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class BrokerProcess:
+    process: subprocess.Popen[bytes]
+    config_path: Path
+    dicom_port: int
+    hl7_port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            raise AssertionError(f"broker did not stop on SIGTERM within {timeout}s") from None
+
+
+def write_config(directory: Path, *, database_url: str | None = None, ris_port: int | None = None,
+                 outbound_interval: float = 0.2) -> tuple[Path, int, int]:
+    dicom_port, hl7_port = free_port(), free_port()
+    config = {
+        "database": {"url": database_url or f"sqlite:///{directory / 'worklist.db'}"},
+        "dicom": {"ae_title": "WORKLISTS", "host": "127.0.0.1", "port": dicom_port},
+        "hl7": {"host": "127.0.0.1", "port": hl7_port},
+        "ris": {"enabled": ris_port is not None, "host": "127.0.0.1", "port": ris_port or 2576,
+                "connect_timeout_seconds": 2, "ack_timeout_seconds": 5},
+        "jobs": {"outbound_interval_seconds": outbound_interval},
+        "mapping": str(REPO / "config" / "mapping.yaml"),
+    }
+    path = directory / "broker.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, dicom_port, hl7_port
+
+
+def start_broker(directory: Path, *extra_args: str, **config: object) -> BrokerProcess:
+    config_path, dicom_port, hl7_port = write_config(directory, **config)  # type: ignore[arg-type]
+    log_path = directory / "broker.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WLB_")}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "broker.cli", "serve", "--config", str(config_path),
+             *extra_args],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    broker = BrokerProcess(process, config_path, dicom_port, hl7_port, log_path)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"broker exited with {process.returncode}:\n{broker.log()}")
+        return _listening(dicom_port) and _listening(hl7_port)
+
+    wait_for(ready, timeout=30, what="the broker to listen")
+    return broker

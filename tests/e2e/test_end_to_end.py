@@ -1,0 +1,157 @@
+"""The whole loop with real peers: RIS order over MLLP -> findscu -> MPPS -> RIS status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from hl7_listener.mllp import MllpClient
+from tests.e2e.broker_process import REPO, BrokerProcess, start_broker
+from tests.fake_ris import FakeRis, field_of
+from tests.support import dcmtk, wait_for
+
+ORDER = (
+    "MSH|^~\\&|RIS|HOSP|WLB|HOSP|20261129080000||ORM^O01|MSG-E2E-1|P|2.3.1\r"
+    "PID|||PAT-E2E^^^HOSP||MUSTERMANN^ERIKA^^^||19650412|F\r"
+    "PV1||O|||||DOC1^HOUSE^GREGORY\r"
+    "ORC|NW|PLC-E2E|FIL-E2E||SC\r"
+    "OBR|1|PLC-E2E|FIL-E2E|CT-HEAD^CT Head without contrast^LOCAL|||||||||||"
+    "||DOC2^WILSON^JAMES||ACC-E2E-1|RP-E2E|SPS-E2E||||CT|||^^^{date}093000\r"
+)
+
+
+def findscu(port: int, *keys: str, out_dir: Path) -> list[pydicom.Dataset]:
+    """Run DCMTK's findscu as a modality would and return the responses it received."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = [dcmtk("findscu"), "-W", "-aec", "WORKLISTS", "-to", "10", "-X", "-od", str(out_dir)]
+    for key in keys:
+        args += ["-k", key]
+    done = subprocess.run([*args, "127.0.0.1", str(port)], capture_output=True, timeout=30,
+                          text=True)
+    assert done.returncode == 0, done.stderr + done.stdout
+    return [pydicom.dcmread(p) for p in sorted(out_dir.glob("rsp*.dcm"))]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "broker.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def fake_ris():
+    ris = FakeRis()
+    yield ris
+    ris.close()
+
+
+@pytest.fixture
+def broker(tmp_path, fake_ris):
+    process = start_broker(tmp_path, ris_port=fake_ris.port)
+    yield process
+    process.stop()
+
+
+def test_order_to_worklist_to_mpps_to_ris(broker: BrokerProcess, fake_ris: FakeRis, tmp_path):
+    today = "20261129"
+    with MllpClient("127.0.0.1", broker.hl7_port) as client:
+        ack = client.send(ORDER.format(date=today).encode())
+    assert field_of(ack.decode(), "MSA", 1) == "AA"
+    assert field_of(ack.decode(), "MSA", 2) == "MSG-E2E-1"
+
+    rows = findscu(broker.dicom_port, "AccessionNumber=ACC-E2E-1", "PatientName",
+                   "(0040,0100)[0].Modality", "(0040,0100)[0].ScheduledProcedureStepStartDate",
+                   "StudyInstanceUID", out_dir=tmp_path / "q1")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row.AccessionNumber == "ACC-E2E-1"
+    assert str(row.PatientName) == "MUSTERMANN^ERIKA"
+    assert row.ScheduledProcedureStepSequence[0].Modality == "CT"
+    assert row.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartDate == today
+    assert "PatientID" not in row  # only the keys asked for come back
+    study_uid = row.StudyInstanceUID
+
+    by_modality = findscu(broker.dicom_port, "(0040,0100)[0].Modality=CT", "AccessionNumber",
+                          out_dir=tmp_path / "q2")
+    assert [r.AccessionNumber for r in by_modality] == ["ACC-E2E-1"]
+    assert findscu(broker.dicom_port, "(0040,0100)[0].Modality=MR", "AccessionNumber",
+                   out_dir=tmp_path / "q3") == []
+
+    started = run_cli("mpps", "in-progress", "--accession", "ACC-E2E-1", "--port",
+                      str(broker.dicom_port), "--study-uid", study_uid, "--modality", "CT")
+    assert started.returncode == 0, started.stderr
+    messages = fake_ris.wait_for_messages(1)
+    completed = run_cli("mpps", "completed", "--accession", "ACC-E2E-1", "--port",
+                        str(broker.dicom_port))
+    assert completed.returncode == 0, completed.stderr
+    messages = fake_ris.wait_for_messages(2)
+
+    assert [field_of(m, "ORC", 5) for m in messages] == ["IP", "CM"]
+    for message in messages:
+        assert field_of(message, "MSH", 9).startswith("ORM^O01")
+        assert field_of(message, "ORC", 1) == "SC"
+        assert field_of(message, "ORC", 2).split("^")[0] == "PLC-E2E"
+        assert field_of(message, "ORC", 3).split("^")[0] == "FIL-E2E"
+        assert field_of(message, "OBR", 18) == "ACC-E2E-1"
+    # A completed step leaves the worklist.
+    assert findscu(broker.dicom_port, "AccessionNumber=ACC-E2E-1", out_dir=tmp_path / "q4") == []
+
+    assert broker.stop() == 0
+    log = broker.log()
+    assert "Traceback" not in log
+    assert "broker stopped" in log
+
+
+def test_cancel_removes_the_item_and_bad_message_gets_a_reason(broker: BrokerProcess, tmp_path):
+    with MllpClient("127.0.0.1", broker.hl7_port) as client:
+        assert field_of(client.send(ORDER.format(date="20261130").encode()).decode(),
+                        "MSA", 1) == "AA"
+        nak = client.send(ORDER.replace("ACC-E2E-1", "").format(date="20261130").encode())
+        cancel = ORDER.replace("ORC|NW", "ORC|CA").replace("MSG-E2E-1", "MSG-E2E-2")
+        cancel_ack = client.send(cancel.format(date="20261130").encode())
+    assert field_of(nak.decode(), "MSA", 1) == "AE"
+    assert "OBR-18" in nak.decode()
+    assert field_of(cancel_ack.decode(), "MSA", 1) == "AA"
+    assert findscu(broker.dicom_port, "AccessionNumber=ACC-E2E-1", out_dir=tmp_path / "q") == []
+
+
+def test_samples_load_and_answer_the_companion_queries(tmp_path):
+    broker = start_broker(tmp_path, "--load-samples")
+    try:
+        wait_for(lambda: "loaded" in broker.log(), timeout=30, what="samples to load")
+        samples = sorted((REPO / "sample_messages").glob("*.hl7"))
+        orders = [p.read_text() for p in samples if "|NW|" in p.read_text().replace("\n", "\r")
+                  or "ORC|NW" in p.read_text()]
+        assert len(orders) >= 4
+        mr = findscu(broker.dicom_port, "(0040,0100)[0].Modality=MR", "AccessionNumber",
+                     "(0040,0100)[0].Modality", out_dir=tmp_path / "mr")
+        assert mr and all(r.ScheduledProcedureStepSequence[0].Modality == "MR" for r in mr)
+        # The companion's query by accession, exactly as its users typed it.
+        accession = mr[0].AccessionNumber
+        done = subprocess.run([dcmtk("findscu"), "-v", "-W", "-k", f"AccessionNumber={accession}",
+                               "127.0.0.1", str(broker.dicom_port)],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert accession in done.stdout + done.stderr
+        modalities = {r.ScheduledProcedureStepSequence[0].Modality for r in findscu(
+            broker.dicom_port, "(0040,0100)[0].Modality", "AccessionNumber",
+            out_dir=tmp_path / "all")}
+        assert {"CT", "MR", "US", "CR"} <= modalities
+        echo = subprocess.run([dcmtk("echoscu"), "-aec", "WORKLISTS", "127.0.0.1",
+                               str(broker.dicom_port)], capture_output=True, timeout=30)
+        assert echo.returncode == 0
+    finally:
+        assert broker.stop() == 0
+    assert "Traceback" not in broker.log()
+
+
+def test_invalid_config_stops_startup_with_one_line(tmp_path):
+    path = tmp_path / "broker.yaml"
+    path.write_text(f"dicom: {{port: not-a-port}}\nmapping: {REPO / 'config' / 'mapping.yaml'}\n")
+    done = run_cli("serve", "--config", str(path))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "dicom.port" in lines[0]

@@ -1,0 +1,96 @@
+"""Outbox delivery against a fake RIS that is a real MLLP server."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import select
+
+from broker.config import Hl7Config, RisConfig
+from broker.domain import (
+    MppsCreate,
+    MppsSet,
+    Order,
+    OrderControl,
+    PatientData,
+    ProcedureData,
+    ScheduledStepRef,
+)
+from broker.models import OutboxMessage, OutboxState
+from broker.mpps import record_mpps_create, record_mpps_set
+from broker.orders import apply_order
+from hl7_listener.outbound import OutboundSender
+from tests.fake_ris import FakeRis, field_of
+from tests.support import free_port
+
+
+def _order_with_mpps(store, accession: str = "ACC1") -> None:
+    with store.writing() as s:
+        apply_order(s, Order(OrderControl.NEW, PatientData("P1", patient_name="DOE^JOHN"),
+                             ProcedureData(accession, placer_order_number="PL1",
+                                           filler_order_number="FI1", modality="MR",
+                                           scheduled_start=dt.datetime(2026, 11, 29, 9))),
+                    uid_root="1.2.3")
+    with store.writing() as s:
+        record_mpps_create(s, MppsCreate("1.2.3.9", "IN PROGRESS",
+                                         (ScheduledStepRef(accession_number=accession),)))
+    with store.writing() as s:
+        record_mpps_set(s, MppsSet("1.2.3.9", "COMPLETED", end=dt.datetime(2026, 11, 29, 10)))
+
+
+def _sender(store, port: int) -> OutboundSender:
+    ris = RisConfig(enabled=True, host="127.0.0.1", port=port, connect_timeout_seconds=1,
+                    ack_timeout_seconds=2)
+    return OutboundSender(store, ris, Hl7Config(), batch_size=10)
+
+
+def _states(store) -> list[str]:
+    with store.reading() as s:
+        return list(s.scalars(select(OutboxMessage.state).order_by(OutboxMessage.id)))
+
+
+def test_delivers_in_order_and_marks_sent_only_on_matching_aa(store):
+    _order_with_mpps(store)
+    ris = FakeRis()
+    sender = _sender(store, ris.port)
+    try:
+        assert sender.run_once().sent == 2
+        messages = ris.wait_for_messages(2)
+        assert [field_of(m, "ORC", 5) for m in messages] == ["IP", "CM"]
+        assert field_of(messages[0], "OBR", 18) == "ACC1"
+        assert ris.connections == 1  # the connection is reused between messages
+        assert _states(store) == [OutboxState.SENT, OutboxState.SENT]
+        assert sender.run_once().sent == 0  # nothing sent twice
+    finally:
+        sender.close()
+        ris.close()
+
+
+def test_negative_ack_and_down_ris_keep_messages_pending_for_retry(store):
+    _order_with_mpps(store)
+    down = _sender(store, free_port())
+    try:
+        report = down.run_once()
+    finally:
+        down.close()
+    assert (report.sent, report.failed) == (0, 1)
+    with store.reading() as s:
+        first = s.scalars(select(OutboxMessage).order_by(OutboxMessage.id)).first()
+        assert first.attempts == 1 and "unreachable" in first.last_error
+
+    ris = FakeRis(ack_code="AE")
+    sender = _sender(store, ris.port)
+    try:
+        assert sender.run_once().failed == 1
+        # Stopped at the first failure: the CM never overtakes the IP.
+        assert len(ris.wait_for_messages(1)) == 1
+        assert _states(store) == [OutboxState.PENDING, OutboxState.PENDING]
+        ris.ack_code = "AA"
+        assert sender.run_once().sent == 2
+        messages = ris.wait_for_messages(3)
+        # The retried IP carries the same MSH-10, so the RIS can drop a duplicate.
+        assert field_of(messages[0], "MSH", 10) == field_of(messages[1], "MSH", 10)
+        assert _states(store) == [OutboxState.SENT, OutboxState.SENT]
+    finally:
+        sender.close()
+        ris.close()

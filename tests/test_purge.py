@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import func, select
+
+from broker.domain import (
+    MppsCreate,
+    Order,
+    OrderControl,
+    PatientData,
+    ProcedureData,
+    ScheduledStepRef,
+)
+from broker.models import MPPSTracking, Patient, WorklistItem
+from broker.mpps import record_mpps_create
+from broker.orders import apply_order
+from broker.purge import purge
+
+NOW = dt.datetime(2026, 11, 29, 12, 0)
+
+
+def _add(store, accession: str, patient: str, days_ago: int) -> None:
+    with store.writing() as s:
+        apply_order(s, Order(OrderControl.NEW, PatientData(patient),
+                             ProcedureData(accession, modality="CT",
+                                           scheduled_start=NOW - dt.timedelta(days=days_ago))),
+                    uid_root="1.2.3")
+
+
+def test_purge_deletes_expired_items_with_their_mpps_and_orphan_patients(store):
+    _add(store, "OLD1", "P-OLD", 40)
+    _add(store, "OLD2", "P-BOTH", 31)
+    _add(store, "NEW1", "P-BOTH", 29)
+    with store.writing() as s:
+        record_mpps_create(s, MppsCreate("1.2.3.4", "IN PROGRESS",
+                                         (ScheduledStepRef(accession_number="OLD1"),)))
+    dry = purge(store, retention_days=30, now=NOW, dry_run=True)
+    assert (dry.worklist_items, dry.mpps) == (2, 1)
+    with store.reading() as s:
+        assert s.scalar(select(func.count(WorklistItem.id))) == 3  # dry run changed nothing
+    result = purge(store, retention_days=30, now=NOW)
+    assert (result.worklist_items, result.mpps, result.patients) == (2, 1, 1)
+    with store.reading() as s:
+        assert list(s.scalars(select(WorklistItem.accession_number))) == ["NEW1"]
+        assert list(s.scalars(select(Patient.patient_id))) == ["P-BOTH"]
+        assert s.scalar(select(func.count(MPPSTracking.id))) == 0
