@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from broker import __version__
 from broker.config import BrokerConfig, load_config
 from broker.errors import BrokerError, ConfigError
@@ -184,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except (CommandError, BrokerError) as exc:
         print(f"worklist-broker: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"worklist-broker: error: database: {reason}", file=sys.stderr)
         return EXIT_FAILURE
 
 

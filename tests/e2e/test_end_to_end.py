@@ -155,3 +155,24 @@ def test_invalid_config_stops_startup_with_one_line(tmp_path):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "dicom.port" in lines[0]
+
+
+def test_ctrl_c_stops_cleanly(tmp_path):
+    import signal
+
+    broker = start_broker(tmp_path)
+    broker.process.send_signal(signal.SIGINT)
+    assert broker.process.wait(timeout=20) == 0
+    log = broker.log()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+    assert "broker stopped" in log
+
+
+def test_unreachable_database_is_one_line_error(tmp_path):
+    path = tmp_path / "broker.yaml"
+    path.write_text("database: {url: 'postgresql+psycopg://nobody@127.0.0.1:1/none'}\n"
+                    f"mapping: {REPO / 'config' / 'mapping.yaml'}\n")
+    done = run_cli("serve", "--config", str(path))
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("worklist-broker: error: database:")
