@@ -21,6 +21,7 @@ from broker import __version__
 from broker.config import BrokerConfig, load_config
 from broker.errors import BrokerError, ConfigError
 from broker.logs import configure_logging
+from broker.models import OUTBOX_STATES
 
 log = logging.getLogger("broker.cli")
 
@@ -85,6 +86,43 @@ def _purge(args: argparse.Namespace) -> int:
     print(f"{verb}: {result.worklist_items} worklist items, {result.mpps} MPPS records, "
           f"{result.patients} patients, {result.outbox} sent status messages")
     return 0
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    from broker import outbox
+    from broker.app import open_store
+
+    config = _config(args)
+    store = open_store(config)
+    try:
+        if args.action == "list":
+            with store.reading() as session:
+                rows = outbox.list_messages(session, args.state, args.limit)
+                print("ID\tSTATE\tEVENT\tACCESSION\tMSH-10\tATTEMPTS\tCREATED\tLAST ERROR")
+                for m in rows:
+                    print(f"{m.id}\t{m.state}\t{m.event}\t{m.accession_number}\t"
+                          f"{m.message_control_id}\t{m.attempts}\t"
+                          f"{m.created_at:%Y-%m-%d %H:%M:%S}\t{m.last_error or ''}")
+            return 0
+        if args.action == "retry":
+            if (args.id is None) == (not args.all_failed):
+                raise CommandError("outbox retry takes a message ID or --all-failed")
+            with store.writing() as session:
+                count = outbox.retry(session, args.id)
+            if args.id is not None and count == 0:
+                raise CommandError(f"outbox message {args.id} is not in the failed state")
+            print(f"{count} message(s) will be sent again")
+            return 0
+        if args.id is None:
+            raise CommandError("outbox drop takes a message ID")
+        with store.writing() as session:
+            dropped = outbox.drop(session, args.id)
+        if dropped is None:
+            raise CommandError(f"outbox message {args.id} does not exist or was already sent")
+        print(f"dropped message {args.id} ({dropped.event} for {dropped.accession_number})")
+        return 0
+    finally:
+        store.dispose()
 
 
 def _send(args: argparse.Namespace) -> int:
@@ -153,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--config", default="config/broker.yaml")
     purge.add_argument("--dry-run", action="store_true", help="only count what would go")
     purge.set_defaults(func=_purge)
+
+    box = commands.add_parser("outbox", help="inspect and repair status messages to the RIS")
+    box.add_argument("action", choices=["list", "retry", "drop"])
+    box.add_argument("id", nargs="?", type=int, help="message ID (retry, drop)")
+    box.add_argument("--config", default="config/broker.yaml")
+    box.add_argument("--state", choices=list(OUTBOX_STATES), help="list only this state")
+    box.add_argument("--limit", type=int, default=100, help="list at most this many")
+    box.add_argument("--all-failed", action="store_true", help="retry every failed message")
+    box.set_defaults(func=_outbox)
 
     send = commands.add_parser("send", help="send an HL7 file over MLLP and print the ACK")
     send.add_argument("file", help="HL7 message file ({TODAY}-style placeholders are filled)")

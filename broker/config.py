@@ -71,6 +71,12 @@ class RisConfig(_Section):
     receiving_application: str = "RIS"
     receiving_facility: str = ""
     hl7_version: str = "2.3.1"
+    # Backoff after a failed delivery: first wait, doubled each time up to the cap.
+    retry_initial_seconds: float = Field(5, gt=0)
+    retry_max_seconds: float = Field(600, gt=0)
+    # Negative ACKs (AE/CE) tolerated before a message is dead-lettered. An unreachable RIS
+    # never dead-letters: it only delays, however long it is down.
+    max_attempts: int = Field(10, ge=1)
 
 
 class JobsConfig(_Section):

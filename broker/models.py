@@ -103,6 +103,9 @@ class OutboxState:
     FAILED = "failed"
 
 
+OUTBOX_STATES = (OutboxState.PENDING, OutboxState.SENT, OutboxState.FAILED)
+
+
 class OutboxMessage(Base):
     """A status message for the RIS, written in the same transaction as the change it reports."""
 
@@ -111,13 +114,19 @@ class OutboxMessage(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # Stable MSH-10: a resend after a lost ACK carries the same id so the RIS can drop it.
     message_control_id: Mapped[str] = mapped_column(String(64), unique=True)
-    accession_number: Mapped[str] = mapped_column(String(16), index=True)
+    accession_number: Mapped[str] = mapped_column(String(16))
     event: Mapped[str] = mapped_column(String(8))
     payload_json: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default=OutboxState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Only negative ACKs count towards dead-lettering; an unreachable RIS merely delays.
+    negative_acks: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
-    __table_args__ = (Index("ix_outbox_state_id", "state", "id"),)
+    __table_args__ = (
+        Index("ix_outbox_state_id", "state", "id"),
+        Index("ix_outbox_accession_id", "accession_number", "id"),
+    )

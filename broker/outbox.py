@@ -1,17 +1,48 @@
-"""The outbox: status messages for the RIS, written with the change they report."""
+"""The outbox: status messages for the RIS, written with the change they report.
+
+Delivery rules kept here, whatever sends the messages:
+- per order (accession number) strictly in the order written: a message is deliverable only
+  when every earlier message of its order has been sent (or dropped by an administrator);
+- after a failure a message waits (exponential backoff) before it is tried again;
+- a rejection (AR/CR), or too many negative ACKs, moves it to the dead-letter state
+  ``failed`` with the reason, where it stays until an administrator retries or drops it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
 import json
+import logging
 import uuid
+from dataclasses import dataclass
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, delete, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from broker.domain import StatusEvent
 from broker.models import OutboxMessage, OutboxState, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    initial_seconds: float = 5
+    max_seconds: float = 600
+    max_attempts: int = 10
+
+    def delay(self, failures: int) -> dt.timedelta:
+        exponent = min(max(failures - 1, 0), 30)
+        return dt.timedelta(seconds=min(self.initial_seconds * 2**exponent, self.max_seconds))
+
+
+class Outcome:
+    """How one delivery attempt ended, as the sender saw it."""
+
+    UNREACHABLE = "unreachable"  # no connection or no reply: retry, never dead-letter
+    NEGATIVE = "negative"  # AE/CE, a wrong MSA-2 or not an ACK: retry, up to max_attempts
+    REJECTED = "rejected"  # AR/CR: dead-letter at once
 
 
 def new_message_control_id() -> str:
@@ -28,6 +59,7 @@ def enqueue(session: Session, event: StatusEvent) -> OutboxMessage:
         payload_json=encode_event(event),
         state=OutboxState.PENDING,
         attempts=0,
+        negative_acks=0,
     )
     session.add(message)
     return message
@@ -47,13 +79,26 @@ def decode_event(payload_json: str) -> StatusEvent:
     return StatusEvent(**data)
 
 
-def pending(session: Session, limit: int) -> list[OutboxMessage]:
-    """The oldest unsent messages, in the order they were written (IP before CM per order)."""
+def deliverable(session: Session, limit: int, now: dt.datetime | None = None,
+                ) -> list[OutboxMessage]:
+    """Messages due now whose order has nothing older still unsent, oldest first."""
+    now = now or utcnow()
+    earlier = aliased(OutboxMessage)
+    blocked = exists().where(and_(earlier.accession_number == OutboxMessage.accession_number,
+                                  earlier.id < OutboxMessage.id,
+                                  earlier.state != OutboxState.SENT))
     query = (select(OutboxMessage)
-             .where(OutboxMessage.state == OutboxState.PENDING)
+             .where(OutboxMessage.state == OutboxState.PENDING,
+                    or_(OutboxMessage.next_attempt_at.is_(None),
+                        OutboxMessage.next_attempt_at <= now),
+                    ~blocked)
              .order_by(OutboxMessage.id)
              .limit(limit))
     return list(session.scalars(query))
+
+
+# The name the walking skeleton used; kept for callers that want "what is due".
+pending = deliverable
 
 
 def mark_sent(session: Session, message_id: int) -> None:
@@ -62,12 +107,56 @@ def mark_sent(session: Session, message_id: int) -> None:
         message.state = OutboxState.SENT
         message.attempts += 1
         message.sent_at = utcnow()
+        message.next_attempt_at = None
         message.last_error = None
 
 
-def record_failure(session: Session, message_id: int, error: str) -> None:
-    """Count a failed attempt; the message stays pending and is retried on the next run."""
+def record_failure(session: Session, message_id: int, error: str, *,
+                   outcome: str = Outcome.UNREACHABLE, policy: RetryPolicy | None = None,
+                   now: dt.datetime | None = None) -> str:
+    """Count a failed attempt and decide what happens next; returns the message's new state."""
+    policy = policy or RetryPolicy()
     message = session.get(OutboxMessage, message_id)
-    if message is not None:
-        message.attempts += 1
-        message.last_error = error[:2000]
+    if message is None:
+        return OutboxState.FAILED
+    message.attempts += 1
+    message.last_error = error[:2000]
+    if outcome != Outcome.UNREACHABLE:
+        message.negative_acks += 1
+    if outcome == Outcome.REJECTED or message.negative_acks >= policy.max_attempts:
+        message.state = OutboxState.FAILED
+        message.next_attempt_at = None
+        log.error("status message dead-lettered msh10=%s accession=%s after %d attempts: %s",
+                  message.message_control_id, message.accession_number, message.attempts,
+                  error)
+    else:
+        message.next_attempt_at = (now or utcnow()) + policy.delay(message.attempts)
+    return message.state
+
+
+def list_messages(session: Session, state: str | None = None, limit: int = 100,
+                  ) -> list[OutboxMessage]:
+    query = select(OutboxMessage).order_by(OutboxMessage.id.desc()).limit(limit)
+    if state is not None:
+        query = query.where(OutboxMessage.state == state)
+    return list(session.scalars(query))
+
+
+def retry(session: Session, message_id: int | None = None) -> int:
+    """Put one dead-lettered message (or, with None, all of them) back to be sent now."""
+    query = (update(OutboxMessage).where(OutboxMessage.state == OutboxState.FAILED)
+             .values(state=OutboxState.PENDING, negative_acks=0, next_attempt_at=None))
+    if message_id is not None:
+        query = query.where(OutboxMessage.id == message_id)
+    return session.execute(query).rowcount
+
+
+def drop(session: Session, message_id: int) -> OutboxMessage | None:
+    """Delete an unsent message for good, unblocking later messages of its order."""
+    message = session.get(OutboxMessage, message_id)
+    if message is None or message.state == OutboxState.SENT:
+        return None
+    session.execute(delete(OutboxMessage).where(OutboxMessage.id == message_id))
+    log.warning("status message dropped by an administrator msh10=%s accession=%s event=%s",
+                message.message_control_id, message.accession_number, message.event)
+    return message

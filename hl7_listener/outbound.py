@@ -1,9 +1,11 @@
 """The road back to the RIS: outbox rows rendered as HL7 status messages and sent over MLLP.
 
-Messages go out strictly in outbox order and a run stops at the first failure, so an order's
-IP always reaches the RIS before its CM. A message counts as sent only when the RIS answers
-AA (or CA) with MSA-2 equal to its MSH-10; the MSH-10 is stored with the row, so a resend after
-a lost ACK carries the same id and the RIS can drop the duplicate.
+The outbox decides what is due (``broker.outbox.deliverable``: per order in the order
+written, after any backoff); this module renders, sends and judges the ACK. A message counts
+as sent only when the RIS answers AA (or CA) with MSA-2 equal to its MSH-10; the MSH-10 is
+stored with the row, so a resend after a lost ACK carries the same id and the RIS can drop
+the duplicate. AR/CR dead-letters the message; AE/CE and garbage are retried with backoff; an
+unreachable RIS ends the run (the rest would fail the same way) and delays, never drops.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from hl7_listener.status_message import parse_ack, render_status_message
 log = logging.getLogger(__name__)
 
 _POSITIVE = frozenset({"AA", "CA"})
+_REJECTED = frozenset({"AR", "CR"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +48,15 @@ class OutboundSender:
         self._ris = ris
         self._hl7 = hl7
         self._batch_size = batch_size
+        self._policy = outbox.RetryPolicy(ris.retry_initial_seconds, ris.retry_max_seconds,
+                                          ris.max_attempts)
         self._client = MllpClient(ris.host, ris.port, connect_timeout=ris.connect_timeout_seconds,
                                   read_timeout=ris.ack_timeout_seconds)
 
     def _pending(self) -> list[_Pending]:
         with self._store.reading() as session:
             return [_Pending(m.id, m.message_control_id, m.accession_number, m.payload_json)
-                    for m in outbox.pending(session, self._batch_size)]
+                    for m in outbox.deliverable(session, self._batch_size)]
 
     def _render(self, message: _Pending) -> bytes:
         return render_status_message(
@@ -64,40 +69,50 @@ class OutboundSender:
             version=self._ris.hl7_version,
         )
 
-    def _deliver(self, message: _Pending) -> str | None:
-        """Send one message; None when the RIS accepted it, else why not."""
+    def _deliver(self, message: _Pending) -> tuple[str, str] | None:
+        """Send one message; None when the RIS accepted it, else (outcome, reason)."""
         try:
             reply = self._client.send(self._render(message))
         except MllpError as exc:
-            return f"RIS {self._ris.host}:{self._ris.port} unreachable: {exc}"
+            return (outbox.Outcome.UNREACHABLE,
+                    f"RIS {self._ris.host}:{self._ris.port} unreachable: {exc}")
         try:
             ack = parse_ack(reply)
         except MessageError as exc:
-            return f"RIS answered something that is not an ACK: {exc}"
+            return outbox.Outcome.NEGATIVE, f"RIS answered something that is not an ACK: {exc}"
         if ack.control_id != message.message_control_id:
-            return (f"ACK MSA-2 {ack.control_id!r} does not match MSH-10 "
-                    f"{message.message_control_id!r}")
-        if ack.code not in _POSITIVE:
-            return f"RIS answered {ack.code}: {ack.text or 'no reason given'}"
-        return None
+            return (outbox.Outcome.NEGATIVE, f"ACK MSA-2 {ack.control_id!r} does not match "
+                    f"MSH-10 {message.message_control_id!r}")
+        if ack.code in _POSITIVE:
+            return None
+        outcome = outbox.Outcome.REJECTED if ack.code in _REJECTED else outbox.Outcome.NEGATIVE
+        return outcome, f"RIS answered {ack.code}: {ack.text or 'no reason given'}"
 
     def run_once(self) -> OutboundReport:
-        sent = 0
+        sent = failed = 0
+        held: set[str] = set()  # orders with a failure in this run: their later messages wait
         for message in self._pending():
-            error = self._deliver(message)
-            if error is not None:
+            if message.accession_number in held:
+                continue
+            result = self._deliver(message)
+            if result is None:
                 with self._store.writing() as session:
-                    outbox.record_failure(session, message.id, error)
-                log.warning("status message not delivered msh10=%s accession=%s: %s",
-                            message.message_control_id, message.accession_number, error)
-                # Later messages may belong to the same order: stop to keep them in order.
-                return OutboundReport(sent=sent, failed=1)
+                    outbox.mark_sent(session, message.id)
+                sent += 1
+                log.info("status message sent msh10=%s accession=%s",
+                         message.message_control_id, message.accession_number)
+                continue
+            outcome, reason = result
             with self._store.writing() as session:
-                outbox.mark_sent(session, message.id)
-            sent += 1
-            log.info("status message sent msh10=%s accession=%s",
-                     message.message_control_id, message.accession_number)
-        return OutboundReport(sent=sent, failed=0)
+                state = outbox.record_failure(session, message.id, reason, outcome=outcome,
+                                              policy=self._policy)
+            failed += 1
+            held.add(message.accession_number)
+            log.warning("status message not delivered msh10=%s accession=%s (now %s): %s",
+                        message.message_control_id, message.accession_number, state, reason)
+            if outcome == outbox.Outcome.UNREACHABLE:
+                break
+        return OutboundReport(sent=sent, failed=failed)
 
     def close(self) -> None:
         self._client.close()

@@ -21,7 +21,7 @@ from broker.mpps import record_mpps_create, record_mpps_set
 from broker.orders import apply_order
 from hl7_listener.outbound import OutboundSender
 from tests.fake_ris import FakeRis, field_of
-from tests.support import free_port
+from tests.support import free_port, wait_for
 
 
 def _order_with_mpps(store, accession: str = "ACC1") -> None:
@@ -38,10 +38,16 @@ def _order_with_mpps(store, accession: str = "ACC1") -> None:
         record_mpps_set(s, MppsSet("1.2.3.9", "COMPLETED", end=dt.datetime(2026, 11, 29, 10)))
 
 
-def _sender(store, port: int) -> OutboundSender:
+def _sender(store, port: int, **retry: float) -> OutboundSender:
+    retry.setdefault("retry_initial_seconds", 0.05)
     ris = RisConfig(enabled=True, host="127.0.0.1", port=port, connect_timeout_seconds=1,
-                    ack_timeout_seconds=2)
+                    ack_timeout_seconds=2, **retry)
     return OutboundSender(store, ris, Hl7Config(), batch_size=10)
+
+
+def _run_until(sender: OutboundSender, done) -> None:
+    """Run the outbound job (as the scheduler would) until ``done()``; backoffs are short."""
+    wait_for(lambda: sender.run_once() and done(), timeout=10, what="outbox state")
 
 
 def _states(store) -> list[str]:
@@ -81,12 +87,12 @@ def test_negative_ack_and_down_ris_keep_messages_pending_for_retry(store):
     ris = FakeRis(ack_code="AE")
     sender = _sender(store, ris.port)
     try:
-        assert sender.run_once().failed == 1
-        # Stopped at the first failure: the CM never overtakes the IP.
-        assert len(ris.wait_for_messages(1)) == 1
+        wait_for(lambda: sender.run_once().failed, what="a due retry")
+        # The IP failed: the CM of the same order waits behind it, never overtakes it.
+        assert [field_of(m, "ORC", 5) for m in ris.wait_for_messages(1)] == ["IP"]
         assert _states(store) == [OutboxState.PENDING, OutboxState.PENDING]
         ris.ack_code = "AA"
-        assert sender.run_once().sent == 2
+        _run_until(sender, lambda: _states(store) == [OutboxState.SENT] * 2)
         messages = ris.wait_for_messages(3)
         # The retried IP carries the same MSH-10, so the RIS can drop a duplicate.
         assert field_of(messages[0], "MSH", 10) == field_of(messages[1], "MSH", 10)
@@ -94,3 +100,60 @@ def test_negative_ack_and_down_ris_keep_messages_pending_for_retry(store):
     finally:
         sender.close()
         ris.close()
+
+
+def test_rejection_dead_letters_and_holds_the_order_until_an_admin_acts(store):
+    from broker import outbox
+
+    _order_with_mpps(store, "ACC1")
+    _order_with_mpps_uid(store, "ACC2", "1.2.3.10")
+    ris = FakeRis(ack_code="AR")
+    sender = _sender(store, ris.port)
+    try:
+        report = sender.run_once()
+        # ACC1's IP and ACC2's IP are both rejected; neither CM is sent behind them.
+        assert (report.sent, report.failed) == (0, 2)
+        assert _states(store) == [OutboxState.FAILED, OutboxState.PENDING,
+                                  OutboxState.FAILED, OutboxState.PENDING]
+        with store.reading() as s:
+            assert "RIS answered AR" in outbox.list_messages(s, OutboxState.FAILED)[0].last_error
+        ris.ack_code = "AA"
+        assert sender.run_once().sent == 0  # dead letters stay put until an administrator acts
+        with store.writing() as s:
+            assert outbox.retry(s, None) == 2
+        _run_until(sender, lambda: _states(store) == [OutboxState.SENT] * 4)
+    finally:
+        sender.close()
+        ris.close()
+
+
+def test_negative_acks_dead_letter_after_max_attempts_and_drop_unblocks(store):
+    from broker import outbox
+
+    _order_with_mpps(store, "ACC1")
+    ris = FakeRis(ack_code="AE")
+    sender = _sender(store, ris.port, max_attempts=2, retry_initial_seconds=0.01)
+    try:
+        _run_until(sender, lambda: _states(store)[0] == OutboxState.FAILED)
+        with store.reading() as s:
+            first = outbox.list_messages(s, OutboxState.FAILED)[0]
+        assert first.attempts == 2
+        with store.writing() as s:
+            assert outbox.drop(s, first.id) is not None
+        ris.ack_code = "AA"
+        assert sender.run_once().sent == 1  # the CM, no longer held behind the dropped IP
+        assert field_of(ris.wait_for_messages(3)[-1], "ORC", 5) == "CM"
+    finally:
+        sender.close()
+        ris.close()
+
+
+def _order_with_mpps_uid(store, accession: str, uid: str) -> None:
+    with store.writing() as s:
+        apply_order(s, Order(OrderControl.NEW, PatientData("P2"), ProcedureData(accession)),
+                    uid_root="1.2.3")
+    with store.writing() as s:
+        record_mpps_create(s, MppsCreate(uid, "IN PROGRESS",
+                                         (ScheduledStepRef(accession_number=accession),)))
+    with store.writing() as s:
+        record_mpps_set(s, MppsSet(uid, "COMPLETED"))
