@@ -75,7 +75,7 @@ class Broker:
 
     def run_purge(self) -> None:
         with self._purge_lock:
-            purge(self.store, retention_days=self.config.jobs.retention_days)
+            purge(self.store, retention=self.config.jobs.retention())
 
     def start(self) -> None:
         self.dicom.start()

@@ -79,7 +79,7 @@ def _purge(args: argparse.Namespace) -> int:
     config = _config(args)
     store = open_store(config)
     try:
-        result = purge(store, retention_days=config.jobs.retention_days, dry_run=args.dry_run)
+        result = purge(store, retention=config.jobs.retention(), dry_run=args.dry_run)
     finally:
         store.dispose()
     verb = "would delete" if args.dry_run else "deleted"

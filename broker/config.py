@@ -13,13 +13,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy.engine import make_url
 
 from broker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from broker.purge import Retention
 
 ENV_PREFIX = "WLB_"
 
@@ -83,7 +86,25 @@ class JobsConfig(_Section):
     outbound_interval_seconds: float = Field(5, gt=0)
     purge_cron: str = "0 3 * * *"
     retention_days: int = Field(30, ge=1)
+    # Finer retention; each unset one falls back to retention_days.
+    completed_retention_days: int | None = Field(None, ge=1)
+    cancelled_retention_days: int | None = Field(None, ge=1)
+    unperformed_retention_days: int | None = Field(None, ge=1)
+    mpps_retention_days: int | None = Field(None, ge=1)
+    outbox_retention_days: int | None = Field(None, ge=1)
     outbound_batch_size: int = Field(100, ge=1)
+
+    def retention(self) -> Retention:
+        from broker.purge import Retention
+
+        days = self.retention_days
+        return Retention(
+            completed_days=self.completed_retention_days or days,
+            cancelled_days=self.cancelled_retention_days or days,
+            unperformed_days=self.unperformed_retention_days or days,
+            mpps_days=self.mpps_retention_days or days,
+            outbox_days=self.outbox_retention_days or days,
+        )
 
     @field_validator("purge_cron")
     @classmethod

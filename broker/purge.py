@@ -1,13 +1,22 @@
-"""purge: delete what the retention rules say is no longer needed, in short batches."""
+"""purge: delete what the retention rules say is no longer needed, in short batches.
+
+Items age by their scheduled start (their creation time when the RIS sent none). Each item's
+MPPS records go with it; MPPS records that match no order, sent status messages and patients
+left without items age on their own. Pending and dead-lettered status messages are never
+purged: they are work still owed to the RIS.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select
+from sqlalchemy.orm import Session
 
+from broker.domain import ItemStatus
 from broker.models import MPPSTracking, OutboxMessage, OutboxState, Patient, WorklistItem, utcnow
 from broker.store import Store
 
@@ -16,6 +25,16 @@ log = logging.getLogger(__name__)
 # Small batches keep each write transaction short, so C-FIND readers and incoming orders
 # never wait long behind a purge (SQLite has one writer at a time).
 BATCH_SIZE = 500
+_MAX_BATCHES = 100_000  # bounds every loop: 50 million rows per run at most
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    completed_days: int = 30
+    cancelled_days: int = 30
+    unperformed_days: int = 30
+    mpps_days: int = 30
+    outbox_days: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,47 +45,95 @@ class PurgeResult:
     outbox: int = 0
 
 
-def _expired_item_ids(store: Store, cutoff: dt.datetime) -> list[int]:
-    with store.reading() as session:
-        return list(session.scalars(
-            select(WorklistItem.id).where(WorklistItem.scheduled_start < cutoff)
-            .order_by(WorklistItem.id).limit(BATCH_SIZE)))
+_FINISHED = (ItemStatus.COMPLETED, ItemStatus.DISCONTINUED)
+_UNPERFORMED = (ItemStatus.SCHEDULED, ItemStatus.IN_PROGRESS)
 
 
-def purge(store: Store, *, retention_days: int, now: dt.datetime | None = None,
-          dry_run: bool = False) -> PurgeResult:
-    """Delete items scheduled before ``now - retention_days`` with their MPPS records, patients
-    left without items, and outbox messages already sent before the cutoff."""
-    cutoff = (now or utcnow()) - dt.timedelta(days=retention_days)
-    if dry_run:
-        return _count(store, cutoff)
-    items = mpps = patients = sent = 0
-    for _ in range(1_000_000):  # bounded: each pass removes up to BATCH_SIZE items
-        ids = _expired_item_ids(store, cutoff)
-        if not ids:
+def _expired_items(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
+    age = func.coalesce(WorklistItem.scheduled_start, WorklistItem.created_at)
+
+    def older(days: int) -> ColumnElement[bool]:
+        return age < now - dt.timedelta(days=days)
+
+    return or_(
+        and_(WorklistItem.status.in_(_FINISHED), older(retention.completed_days)),
+        and_(WorklistItem.status == ItemStatus.CANCELLED, older(retention.cancelled_days)),
+        and_(WorklistItem.status.in_(_UNPERFORMED), older(retention.unperformed_days)),
+    )
+
+
+def _unlinked_mpps(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
+    return (MPPSTracking.worklist_item_fk.is_(None)
+            & (MPPSTracking.created_at < now - dt.timedelta(days=retention.mpps_days)))
+
+
+def _sent_outbox(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
+    return ((OutboxMessage.state == OutboxState.SENT)
+            & (OutboxMessage.sent_at < now - dt.timedelta(days=retention.outbox_days)))
+
+
+DeleteBatch = Callable[[Session, list[int]], int]
+
+
+def _delete_by_id(model: type[MPPSTracking | Patient | OutboxMessage]) -> DeleteBatch:
+    def delete_rows(session: Session, ids: list[int]) -> int:
+        return session.execute(delete(model).where(model.id.in_(ids))).rowcount
+    return delete_rows
+
+
+def _batched_delete(store: Store, ids: Select[tuple[int]], delete_batch: DeleteBatch) -> int:
+    """Select up to BATCH_SIZE ids, delete them in their own short transaction, repeat."""
+    total = 0
+    for _ in range(_MAX_BATCHES):
+        with store.reading() as session:
+            batch = list(session.scalars(ids.limit(BATCH_SIZE)))
+        if not batch:
             break
         with store.writing() as session:
-            mpps += session.execute(
-                delete(MPPSTracking).where(MPPSTracking.worklist_item_fk.in_(ids))).rowcount
-            items += session.execute(
-                delete(WorklistItem).where(WorklistItem.id.in_(ids))).rowcount
-    with store.writing() as session:
-        orphans = select(Patient.id).where(~Patient.items.any())
-        patients = session.execute(delete(Patient).where(Patient.id.in_(orphans))).rowcount
-        sent = session.execute(delete(OutboxMessage).where(
-            OutboxMessage.state == OutboxState.SENT, OutboxMessage.sent_at < cutoff)).rowcount
-    result = PurgeResult(items, mpps, patients, sent)
-    log.info("purge cutoff=%s items=%d mpps=%d patients=%d outbox=%d", cutoff.isoformat(),
-             items, mpps, patients, sent)
+            total += delete_batch(session, batch)
+    return total
+
+
+def purge(store: Store, *, retention: Retention | None = None, retention_days: int | None = None,
+          now: dt.datetime | None = None, dry_run: bool = False) -> PurgeResult:
+    """Apply the retention rules once; with ``dry_run`` only count what would be deleted."""
+    if retention is None:
+        days = retention_days or 30
+        retention = Retention(days, days, days, days, days)
+    now = now or utcnow()
+    items = _expired_items(retention, now)
+    if dry_run:
+        return _count(store, items, _unlinked_mpps(retention, now), _sent_outbox(retention, now))
+
+    mpps_of_items = 0
+
+    def delete_items(session: Session, ids: list[int]) -> int:
+        nonlocal mpps_of_items
+        mpps_of_items += session.execute(
+            delete(MPPSTracking).where(MPPSTracking.worklist_item_fk.in_(ids))).rowcount
+        return session.execute(delete(WorklistItem).where(WorklistItem.id.in_(ids))).rowcount
+
+    item_count = _batched_delete(store, select(WorklistItem.id).where(items), delete_items)
+    unlinked = select(MPPSTracking.id).where(_unlinked_mpps(retention, now))
+    mpps = mpps_of_items + _batched_delete(store, unlinked, _delete_by_id(MPPSTracking))
+    patients = _batched_delete(store, select(Patient.id).where(~Patient.items.any()),
+                               _delete_by_id(Patient))
+    sent = _batched_delete(store, select(OutboxMessage.id).where(_sent_outbox(retention, now)),
+                           _delete_by_id(OutboxMessage))
+    result = PurgeResult(item_count, mpps, patients, sent)
+    log.info("purge done items=%d mpps=%d patients=%d outbox=%d", item_count, mpps, patients,
+             sent)
     return result
 
 
-def _count(store: Store, cutoff: dt.datetime) -> PurgeResult:
+def _count(store: Store, items: ColumnElement[bool], unlinked_mpps: ColumnElement[bool],
+           sent: ColumnElement[bool]) -> PurgeResult:
+    expired_ids = select(WorklistItem.id).where(items)
     with store.reading() as session:
-        expired = select(WorklistItem.id).where(WorklistItem.scheduled_start < cutoff)
-        items = session.scalar(select(func.count()).select_from(expired.subquery())) or 0
+        item_count = session.scalar(select(func.count(WorklistItem.id)).where(items)) or 0
         mpps = session.scalar(select(func.count(MPPSTracking.id)).where(
-            MPPSTracking.worklist_item_fk.in_(expired))) or 0
-        sent = session.scalar(select(func.count(OutboxMessage.id)).where(
-            OutboxMessage.state == OutboxState.SENT, OutboxMessage.sent_at < cutoff)) or 0
-    return PurgeResult(items, mpps, 0, sent)
+            MPPSTracking.worklist_item_fk.in_(expired_ids) | unlinked_mpps)) or 0
+        patients = session.scalar(select(func.count(Patient.id)).where(
+            ~Patient.items.any(~WorklistItem.id.in_(expired_ids)))) or 0
+        outbox = session.scalar(select(func.count(OutboxMessage.id)).where(sent)) or 0
+    return PurgeResult(item_count, mpps, patients, outbox)

@@ -45,3 +45,30 @@ def test_purge_deletes_expired_items_with_their_mpps_and_orphan_patients(store):
         assert list(s.scalars(select(WorklistItem.accession_number))) == ["NEW1"]
         assert list(s.scalars(select(Patient.patient_id))) == ["P-BOTH"]
         assert s.scalar(select(func.count(MPPSTracking.id))) == 0
+
+
+def test_separate_retention_per_status_and_pending_outbox_is_kept(store):
+    from broker.domain import MppsSet
+    from broker.models import OutboxMessage
+    from broker.mpps import record_mpps_set
+    from broker.purge import Retention
+
+    _add(store, "DONE", "P1", 10)
+    _add(store, "CANC", "P2", 10)
+    _add(store, "TODO", "P3", 10)
+    with store.writing() as s:
+        record_mpps_create(s, MppsCreate("1.2.3.5", "IN PROGRESS",
+                                         (ScheduledStepRef(accession_number="DONE"),)))
+    with store.writing() as s:
+        record_mpps_set(s, MppsSet("1.2.3.5", "COMPLETED"))
+    with store.writing() as s:
+        apply_order(s, Order(OrderControl.CANCEL, PatientData("P2"), ProcedureData("CANC")),
+                    uid_root="1.2.3")
+    rules = Retention(completed_days=5, cancelled_days=5, unperformed_days=60, mpps_days=5,
+                      outbox_days=5)
+    result = purge(store, retention=rules, now=NOW)
+    assert result.worklist_items == 2
+    with store.reading() as s:
+        assert list(s.scalars(select(WorklistItem.accession_number))) == ["TODO"]
+        # The unsent IP/CM for the purged order stay: they are still owed to the RIS.
+        assert s.scalar(select(func.count(OutboxMessage.id))) == 2
