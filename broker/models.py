@@ -66,7 +66,8 @@ class WorklistItem(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
     patient: Mapped[Patient] = relationship(back_populates="items")
-    mpps: Mapped[list[MPPSTracking]] = relationship(back_populates="item")
+    mpps: Mapped[list[MPPSTracking]] = relationship(secondary="mpps_item",
+                                                    back_populates="items")
 
     __table_args__ = (
         # The typical modality poll: visible statuses, one day, one modality or station.
@@ -82,9 +83,6 @@ class MPPSTracking(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    # Nullable: an unscheduled MPPS (emergency, no order) is still kept for administrators.
-    worklist_item_fk: Mapped[int | None] = mapped_column(
-        ForeignKey("worklist_item.id", ondelete="CASCADE"), index=True)
     status: Mapped[str] = mapped_column(String(16))
     start_datetime: Mapped[dt.datetime | None] = mapped_column(DateTime)
     end_datetime: Mapped[dt.datetime | None] = mapped_column(DateTime)
@@ -94,7 +92,19 @@ class MPPSTracking(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
-    item: Mapped[WorklistItem | None] = relationship(back_populates="mpps")
+    # One MPPS may cover several scheduled steps (IHE group case) and several MPPS one step
+    # (append case); an MPPS linked to none is unscheduled and still kept for administrators.
+    items: Mapped[list[WorklistItem]] = relationship(secondary="mpps_item",
+                                                     back_populates="mpps")
+
+
+class MPPSItemLink(Base):
+    __tablename__ = "mpps_item"
+
+    mpps_fk: Mapped[int] = mapped_column(
+        ForeignKey("mpps_tracking.id", ondelete="CASCADE"), primary_key=True)
+    item_fk: Mapped[int] = mapped_column(
+        ForeignKey("worklist_item.id", ondelete="CASCADE"), primary_key=True, index=True)
 
 
 class OutboxState:

@@ -87,6 +87,11 @@ def _report(session: Session, item: WorklistItem, status: MppsStatus, mpps_uid: 
     outbox.enqueue(session, _status_event(item, status, mpps_uid, when))
 
 
+def _other_steps_in_progress(item: WorklistItem, record: MPPSTracking) -> bool:
+    return any(other.id != record.id and other.status == MppsStatus.IN_PROGRESS
+               for other in item.mpps)
+
+
 def record_mpps_create(session: Session, request: MppsCreate) -> MppsResult:
     """N-CREATE: a procedure step has started on a modality."""
     if request.status != MppsStatus.IN_PROGRESS:
@@ -101,7 +106,7 @@ def record_mpps_create(session: Session, request: MppsCreate) -> MppsResult:
     items = _linked_items(session, request.steps)
     record = MPPSTracking(
         sop_instance_uid=request.sop_instance_uid,
-        item=items[0] if items else None,
+        items=items,
         status=MppsStatus.IN_PROGRESS,
         start_datetime=request.start,
         performed_station_ae_title=request.performed_station_ae_title,
@@ -110,6 +115,8 @@ def record_mpps_create(session: Session, request: MppsCreate) -> MppsResult:
     )
     session.add(record)
     for item in items:
+        if item.status == ItemStatus.IN_PROGRESS:
+            continue  # append case: the RIS already knows the step is under way
         _report(session, item, MppsStatus.IN_PROGRESS, request.sop_instance_uid, request.start)
     session.flush()
     accessions = tuple(item.accession_number for item in items)
@@ -142,12 +149,14 @@ def record_mpps_set(session: Session, request: MppsSet) -> MppsResult:
         record.attributes_json = request.attributes_json
     if request.end is not None:
         record.end_datetime = request.end
-    accessions: tuple[str, ...] = ()
+    accessions = tuple(item.accession_number for item in record.items)
     if new_status is not MppsStatus.IN_PROGRESS:
         record.status = new_status
-        if record.item is not None:
-            _report(session, record.item, new_status, record.sop_instance_uid, request.end)
-            accessions = (record.item.accession_number,)
+        for item in record.items:
+            if _other_steps_in_progress(item, record):
+                # Append case: the step is done only when its last MPPS is.
+                continue
+            _report(session, item, new_status, record.sop_instance_uid, request.end)
     session.flush()
     log.info("MPPS set uid=%s status=%s accessions=%s", record.sop_instance_uid, new_status,
              ",".join(accessions))

@@ -17,7 +17,15 @@ from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from broker.domain import ItemStatus
-from broker.models import MPPSTracking, OutboxMessage, OutboxState, Patient, WorklistItem, utcnow
+from broker.models import (
+    MPPSItemLink,
+    MPPSTracking,
+    OutboxMessage,
+    OutboxState,
+    Patient,
+    WorklistItem,
+    utcnow,
+)
 from broker.store import Store
 
 log = logging.getLogger(__name__)
@@ -63,8 +71,14 @@ def _expired_items(retention: Retention, now: dt.datetime) -> ColumnElement[bool
 
 
 def _unlinked_mpps(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
-    return (MPPSTracking.worklist_item_fk.is_(None)
+    return (~MPPSTracking.items.any()
             & (MPPSTracking.created_at < now - dt.timedelta(days=retention.mpps_days)))
+
+
+def _mpps_only_of(ids: list[int] | Select[tuple[int]]) -> ColumnElement[bool]:
+    """MPPS records linked to these items and to no other item."""
+    return (MPPSTracking.items.any(WorklistItem.id.in_(ids))
+            & ~MPPSTracking.items.any(~WorklistItem.id.in_(ids)))
 
 
 def _sent_outbox(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
@@ -109,8 +123,11 @@ def purge(store: Store, *, retention: Retention | None = None, retention_days: i
 
     def delete_items(session: Session, ids: list[int]) -> int:
         nonlocal mpps_of_items
-        mpps_of_items += session.execute(
-            delete(MPPSTracking).where(MPPSTracking.worklist_item_fk.in_(ids))).rowcount
+        doomed = list(session.scalars(select(MPPSTracking.id).where(_mpps_only_of(ids))))
+        if doomed:
+            mpps_of_items += session.execute(
+                delete(MPPSTracking).where(MPPSTracking.id.in_(doomed))).rowcount
+        session.execute(delete(MPPSItemLink).where(MPPSItemLink.item_fk.in_(ids)))
         return session.execute(delete(WorklistItem).where(WorklistItem.id.in_(ids))).rowcount
 
     item_count = _batched_delete(store, select(WorklistItem.id).where(items), delete_items)
@@ -132,7 +149,7 @@ def _count(store: Store, items: ColumnElement[bool], unlinked_mpps: ColumnElemen
     with store.reading() as session:
         item_count = session.scalar(select(func.count(WorklistItem.id)).where(items)) or 0
         mpps = session.scalar(select(func.count(MPPSTracking.id)).where(
-            MPPSTracking.worklist_item_fk.in_(expired_ids) | unlinked_mpps)) or 0
+            _mpps_only_of(expired_ids) | unlinked_mpps)) or 0
         patients = session.scalar(select(func.count(Patient.id)).where(
             ~Patient.items.any(~WorklistItem.id.in_(expired_ids)))) or 0
         outbox = session.scalar(select(func.count(OutboxMessage.id)).where(sent)) or 0

@@ -1,0 +1,107 @@
+"""MPPS state in the core: linking, item status, and the outbox rows for the RIS."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from broker.domain import (
+    ItemStatus,
+    MppsCreate,
+    MppsSet,
+    Order,
+    OrderControl,
+    PatientData,
+    ProcedureData,
+    ScheduledStepRef,
+)
+from broker.errors import MppsError
+from broker.models import MPPSTracking, OutboxMessage, WorklistItem
+from broker.mpps import record_mpps_create, record_mpps_set
+
+
+def _orders(store, *accessions: str) -> None:
+    from broker.orders import apply_order
+
+    for accession in accessions:
+        with store.writing() as s:
+            apply_order(s, Order(OrderControl.NEW, PatientData("P1"),
+                                 ProcedureData(accession, study_instance_uid=f"1.9.{accession[1:]}",
+                                               placer_order_number=f"PL-{accession}")),
+                        uid_root="1.2.3")
+
+
+def _create(store, uid: str, *accessions: str) -> None:
+    steps = tuple(ScheduledStepRef(accession_number=a) for a in accessions)
+    with store.writing() as s:
+        record_mpps_create(s, MppsCreate(uid, "IN PROGRESS", steps))
+
+
+def _set(store, uid: str, status: str) -> None:
+    with store.writing() as s:
+        record_mpps_set(s, MppsSet(uid, status))
+
+
+def _statuses(store) -> dict[str, str]:
+    with store.reading() as s:
+        return dict(s.execute(select(WorklistItem.accession_number, WorklistItem.status)).all())
+
+
+def _outbox(store) -> list[tuple[str, str]]:
+    with store.reading() as s:
+        return [tuple(r) for r in s.execute(select(OutboxMessage.accession_number,
+                                                   OutboxMessage.event)
+                                            .order_by(OutboxMessage.id))]
+
+
+def test_group_case_reports_every_linked_order(store):
+    _orders(store, "A1", "A2")
+    _create(store, "1.5.1", "A1", "A2")
+    _set(store, "1.5.1", "COMPLETED")
+    assert _statuses(store) == {"A1": ItemStatus.COMPLETED, "A2": ItemStatus.COMPLETED}
+    assert _outbox(store) == [("A1", "IP"), ("A2", "IP"), ("A1", "CM"), ("A2", "CM")]
+
+
+def test_append_case_completes_the_step_only_with_its_last_mpps(store):
+    _orders(store, "A1")
+    _create(store, "1.5.1", "A1")
+    _create(store, "1.5.2", "A1")
+    _set(store, "1.5.1", "COMPLETED")
+    assert _statuses(store) == {"A1": ItemStatus.IN_PROGRESS}
+    _set(store, "1.5.2", "COMPLETED")
+    assert _statuses(store) == {"A1": ItemStatus.COMPLETED}
+    assert _outbox(store) == [("A1", "IP"), ("A1", "CM")]
+
+
+def test_unscheduled_mpps_is_kept_and_reports_nothing(store):
+    _create(store, "1.5.9", "NO-SUCH-ORDER")
+    with store.reading() as s:
+        record = s.scalars(select(MPPSTracking)).one()
+        assert record.items == [] and record.status == "IN PROGRESS"
+    assert _outbox(store) == []
+
+
+@pytest.mark.parametrize(("steps", "status"), [
+    (lambda store: _create(store, "1.5.1", "A1"), 0x0111),  # duplicate SOP instance
+    (lambda store: _set(store, "1.5.404", "COMPLETED"), 0x0112),  # no such SOP instance
+    (lambda store: (_set(store, "1.5.1", "COMPLETED"), _set(store, "1.5.1", "DISCONTINUED")),
+     0x0110),  # no update after a final state (PS3.4 F.7.2.2)
+])
+def test_refusals_carry_the_dicom_status_and_change_nothing(store, steps, status):
+    _orders(store, "A1")
+    _create(store, "1.5.1", "A1")
+    before = _outbox(store)
+    with pytest.raises(MppsError) as info:
+        steps(store)
+    assert info.value.status == status
+    if status != 0x0110:
+        assert _outbox(store) == before
+
+
+def test_create_must_be_in_progress(store):
+    _orders(store, "A1")
+    with pytest.raises(MppsError) as info, store.writing() as s:
+        record_mpps_create(s, MppsCreate("1.5.1", "COMPLETED",
+                                         (ScheduledStepRef(accession_number="A1"),)))
+    assert info.value.status == 0x0106
+    assert _statuses(store) == {"A1": ItemStatus.SCHEDULED}
