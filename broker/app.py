@@ -50,7 +50,7 @@ class Broker:
             sending_application=config.hl7.sending_application,
             sending_facility=config.hl7.sending_facility)
         self.mllp = MllpServer(
-            self.handler.handle, host=config.hl7.host, port=config.hl7.port,
+            self.handler, host=config.hl7.host, port=config.hl7.port,
             max_connections=config.hl7.max_connections,
             idle_timeout=config.hl7.idle_timeout_seconds,
             max_message_bytes=config.hl7.max_message_bytes)

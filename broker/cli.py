@@ -59,8 +59,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot listen: {exc}") from None
     try:
         if args.load_samples:
-            samples = Path(args.samples_dir) if args.samples_dir else (
-                config.base_dir.parent / "sample_messages")
+            candidates = [Path(args.samples_dir)] if args.samples_dir else [
+                config.base_dir.parent / "sample_messages", Path.cwd() / "sample_messages"]
+            samples = next((c for c in candidates if c.is_dir()), candidates[0])
             if not samples.is_dir():
                 raise CommandError(f"no sample messages folder at {samples}")
             broker.load_samples(samples)
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--load-samples", action="store_true",
                        help="at start, ingest the sample orders through the HL7 path")
     serve.add_argument("--samples-dir", help="sample orders folder (default: sample_messages "
-                       "next to the config folder)")
+                       "next to the config folder, else in the working directory)")
     serve.set_defaults(func=_serve)
 
     purge = commands.add_parser("purge", help="delete expired worklist items once")

@@ -7,6 +7,7 @@ value, 0x0110 processing failure, 0x0111 duplicate SOP instance, 0x0112 no such 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 
 from sqlalchemy import select
@@ -87,6 +88,16 @@ def _report(session: Session, item: WorklistItem, status: MppsStatus, mpps_uid: 
     outbox.enqueue(session, _status_event(item, status, mpps_uid, when))
 
 
+def _merged_json(created: str | None, modified: str) -> str:
+    """The N-CREATE attributes with the N-SET modifications applied (both DICOM JSON)."""
+    try:
+        merged = json.loads(created) if created else {}
+        merged.update(json.loads(modified))
+    except (ValueError, AttributeError):
+        return modified
+    return json.dumps(merged)
+
+
 def _other_steps_in_progress(item: WorklistItem, record: MPPSTracking) -> bool:
     return any(other.id != record.id and other.status == MppsStatus.IN_PROGRESS
                for other in item.mpps)
@@ -146,7 +157,7 @@ def record_mpps_set(session: Session, request: MppsSet) -> MppsResult:
                             f"PerformedProcedureStepStatus {request.status!r} is not "
                             "IN PROGRESS, COMPLETED or DISCONTINUED") from None
     if request.attributes_json is not None:
-        record.attributes_json = request.attributes_json
+        record.attributes_json = _merged_json(record.attributes_json, request.attributes_json)
     if request.end is not None:
         record.end_datetime = request.end
     accessions = tuple(item.accession_number for item in record.items)

@@ -17,7 +17,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import and_, delete, exists, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from broker.domain import StatusEvent
@@ -79,19 +79,27 @@ def decode_event(payload_json: str) -> StatusEvent:
     return StatusEvent(**data)
 
 
+def _due(message: type[OutboxMessage], now: dt.datetime) -> ColumnElement[bool]:
+    return and_(message.state == OutboxState.PENDING,
+                or_(message.next_attempt_at.is_(None), message.next_attempt_at <= now))
+
+
 def deliverable(session: Session, limit: int, now: dt.datetime | None = None,
                 ) -> list[OutboxMessage]:
-    """Messages due now whose order has nothing older still unsent, oldest first."""
+    """Messages due now, oldest first, leaving out any whose order has an older message that
+    is not sent and not due (dead-lettered, or waiting out a backoff).
+
+    An older message that is due comes earlier in the same list, so the caller sends them in
+    order, and must hold back the rest of an order whose message just failed.
+    """
     now = now or utcnow()
     earlier = aliased(OutboxMessage)
-    blocked = exists().where(and_(earlier.accession_number == OutboxMessage.accession_number,
-                                  earlier.id < OutboxMessage.id,
-                                  earlier.state != OutboxState.SENT))
+    blocked = exists().where(earlier.accession_number == OutboxMessage.accession_number,
+                             earlier.id < OutboxMessage.id,
+                             earlier.state != OutboxState.SENT,
+                             ~_due(earlier, now))
     query = (select(OutboxMessage)
-             .where(OutboxMessage.state == OutboxState.PENDING,
-                    or_(OutboxMessage.next_attempt_at.is_(None),
-                        OutboxMessage.next_attempt_at <= now),
-                    ~blocked)
+             .where(_due(OutboxMessage, now), ~blocked)
              .order_by(OutboxMessage.id)
              .limit(limit))
     return list(session.scalars(query))

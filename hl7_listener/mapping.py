@@ -1,0 +1,273 @@
+"""The HL7 -> DICOM mapping an administrator edits (config/mapping.yaml), and applying it.
+
+The YAML names, for each DICOM attribute the broker stores (by keyword, sequence items as
+``Sequence.Keyword``), the HL7 field paths it comes from. The attribute's value
+representation decides how the text is read: DA and TM take the date or the time of an HL7
+TS, PN reorders an HL7 XPN/XCN name into DICOM's family^given^middle^prefix^suffix, and each
+value is checked against its VR's length so that no bad dataset is ever stored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from broker.domain import Order, OrderControl, PatientData, ProcedureData
+from broker.errors import ConfigError, InvalidOrder, UnsupportedMessage
+from hl7_listener.message import DATA_TYPE_ERROR, FieldPath, ParsedMessage, parse_path
+
+REQUIRED_FIELD_MISSING = "101"
+TABLE_VALUE_NOT_FOUND = "103"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a DICOM attribute lands in the core's Order, and its value representation."""
+
+    part: str  # "patient" or "procedure"
+    name: str  # the PatientData / ProcedureData field
+    vr: str
+
+
+# Every DICOM attribute the store keeps, by keyword path. A keyword not listed here is
+# refused when the mapping is loaded.
+TARGETS: dict[str, Target] = {
+    "PatientID": Target("patient", "patient_id", "LO"),
+    "IssuerOfPatientID": Target("patient", "issuer_of_patient_id", "LO"),
+    "PatientName": Target("patient", "patient_name", "PN"),
+    "PatientBirthDate": Target("patient", "birth_date", "DA"),
+    "PatientSex": Target("patient", "sex", "CS"),
+    "AccessionNumber": Target("procedure", "accession_number", "SH"),
+    "StudyInstanceUID": Target("procedure", "study_instance_uid", "UI"),
+    "RequestedProcedureID": Target("procedure", "requested_procedure_id", "SH"),
+    "RequestedProcedureDescription": Target("procedure", "requested_procedure_description",
+                                            "LO"),
+    "RequestedProcedureCodeSequence.CodeValue": Target(
+        "procedure", "requested_procedure_code_value", "SH"),
+    "RequestedProcedureCodeSequence.CodingSchemeDesignator": Target(
+        "procedure", "requested_procedure_code_scheme", "SH"),
+    "RequestedProcedureCodeSequence.CodeMeaning": Target(
+        "procedure", "requested_procedure_code_meaning", "LO"),
+    "ReferringPhysicianName": Target("procedure", "referring_physician_name", "PN"),
+    "RequestingPhysician": Target("procedure", "requesting_physician", "PN"),
+    "PlacerOrderNumberImagingServiceRequest": Target("procedure", "placer_order_number", "LO"),
+    "FillerOrderNumberImagingServiceRequest": Target("procedure", "filler_order_number", "LO"),
+    "ScheduledProcedureStepSequence.ScheduledProcedureStepID": Target(
+        "procedure", "sps_id", "SH"),
+    "ScheduledProcedureStepSequence.ScheduledProcedureStepDescription": Target(
+        "procedure", "sps_description", "LO"),
+    "ScheduledProcedureStepSequence.Modality": Target("procedure", "modality", "CS"),
+    "ScheduledProcedureStepSequence.ScheduledStationAETitle": Target(
+        "procedure", "scheduled_station_ae_title", "AE"),
+    "ScheduledProcedureStepSequence.ScheduledProcedureStepStartDate": Target(
+        "procedure", "scheduled_start", "DA"),
+    "ScheduledProcedureStepSequence.ScheduledProcedureStepStartTime": Target(
+        "procedure", "scheduled_start", "TM"),
+}
+
+# PS3.5 table 6.2-1 maximum lengths.
+_MAX_LENGTH = {"LO": 64, "SH": 16, "CS": 16, "AE": 16, "UI": 64}
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,4})?([+-]\d{4})?$")
+# HL7 XPN: family^given^middle^suffix^prefix^degree; XCN: id^family^given^middle^suffix^prefix.
+_NAME_ORDER = {"XPN": (0, 1, 2, 4, 3), "XCN": (1, 2, 3, 5, 4)}
+# HL7 table 0001 -> DICOM PatientSex (M, F, O; empty when unknown).
+_SEX = {"M": "M", "F": "F", "O": "O", "A": "O", "U": "", "N": ""}
+_CONTROLS = {"NW": OrderControl.NEW, "XO": OrderControl.CHANGE, "CA": OrderControl.CANCEL}
+_ORDER_CONTROL_PATH = FieldPath("ORC", 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    keyword: str
+    target: Target
+    sources: tuple[FieldPath, ...]
+    required: bool = False
+    name_format: str = "XPN"
+    default: str | None = None
+
+
+def _read_rule(keyword: str, spec: Any, where: str) -> Rule:
+    target = TARGETS.get(keyword)
+    if target is None:
+        raise ConfigError(f"{where}: {keyword!r} is not a DICOM attribute the broker stores "
+                          f"(one of: {', '.join(TARGETS)})")
+    if isinstance(spec, str | list):
+        spec = {"from": spec}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: {keyword}: expected a field path or a mapping with 'from'")
+    unknown = set(spec) - {"from", "required", "format", "default"}
+    if unknown:
+        raise ConfigError(f"{where}: {keyword}: unknown option(s) {', '.join(sorted(unknown))}")
+    sources = spec.get("from", [])
+    sources = [sources] if isinstance(sources, str) else sources
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        raise ConfigError(f"{where}: {keyword}: 'from' must be a field path or a list of them")
+    try:
+        paths = tuple(parse_path(s) for s in sources)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {keyword}: {exc}") from None
+    name_format = str(spec.get("format", "XCN" if keyword != "PatientName" else "XPN")).upper()
+    if name_format not in _NAME_ORDER:
+        raise ConfigError(f"{where}: {keyword}: format must be XPN or XCN")
+    if "format" in spec and target.vr != "PN":
+        raise ConfigError(f"{where}: {keyword}: 'format' applies to person names only")
+    default = spec.get("default")
+    if not paths and default is None:
+        raise ConfigError(f"{where}: {keyword}: needs 'from' or 'default'")
+    return Rule(keyword, target, paths, bool(spec.get("required", False)), name_format,
+                None if default is None else str(default))
+
+
+@dataclass(slots=True)
+class Mapping:
+    rules: tuple[Rule, ...]
+    source: Path | None = None
+    _locations: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for rule in self.rules:
+            if rule.sources:
+                for name in (rule.keyword, rule.keyword.rsplit(".", 1)[-1], rule.target.name):
+                    self._locations.setdefault(name, str(rule.sources[0]))
+
+    def location_of(self, attribute: str) -> str | None:
+        """The HL7 field an attribute (keyword or core field name) is read from."""
+        return self._locations.get(attribute)
+
+    def to_order(self, message: ParsedMessage) -> Order:
+        control_text = message.raw(_ORDER_CONTROL_PATH)
+        control = _CONTROLS.get(control_text)
+        if control is None:
+            raise UnsupportedMessage(
+                f"ORC-1 order control {control_text!r} is not supported (NW, XO or CA)"
+                if control_text else "ORC-1 order control is required",
+                location="ORC-1", code=TABLE_VALUE_NOT_FOUND if control_text else "101")
+        values: dict[str, dict[str, Any]] = {"patient": {}, "procedure": {}}
+        start_date: dt.date | None = None
+        start_time: dt.time | None = None
+        for rule in self.rules:
+            text, location = _first_value(message, rule)
+            if text is None:
+                if rule.required:
+                    raise InvalidOrder(f"{location} {rule.keyword.rsplit('.', 1)[-1]} is "
+                                       "required", location=location, attribute=rule.keyword,
+                                       code=REQUIRED_FIELD_MISSING)
+                continue
+            value = _convert(rule, text, location)
+            if rule.target.name == "scheduled_start":
+                if rule.target.vr == "DA":
+                    start_date = value
+                else:
+                    start_time = value
+                continue
+            values[rule.target.part][rule.target.name] = value
+        if start_date is not None:
+            values["procedure"]["scheduled_start"] = dt.datetime.combine(
+                start_date, start_time or dt.time())
+        values["patient"].setdefault("patient_id", "")
+        values["procedure"].setdefault("accession_number", "")
+        return Order(control, PatientData(**values["patient"]),
+                     ProcedureData(**values["procedure"]), message_control_id=message.control_id)
+
+
+def _first_value(message: ParsedMessage, rule: Rule) -> tuple[str | None, str]:
+    for path in rule.sources:
+        if rule.target.vr == "PN" and path.component is None:
+            components = message.components(path)
+            order = _NAME_ORDER[rule.name_format]
+            picked = [components[i] if i < len(components) else "" for i in order]
+            text = "^".join(picked).rstrip("^")
+        else:
+            text = message.get(path) or ""
+        if text.strip():
+            return text, str(path)
+    first = str(rule.sources[0]) if rule.sources else rule.keyword
+    return rule.default, first
+
+
+def _timestamp(text: str, location: str, keyword: str) -> re.Match[str]:
+    match = _TS.match(text.strip())
+    if match is None:
+        raise InvalidOrder(f"{location} {keyword} {text!r} is not an HL7 date/time",
+                           location=location, attribute=keyword, code=DATA_TYPE_ERROR)
+    return match
+
+
+def _convert(rule: Rule, text: str, location: str) -> Any:
+    keyword = rule.keyword.rsplit(".", 1)[-1]
+    vr = rule.target.vr
+    # Every attribute the broker stores is single-line; a \.br\ from the RIS becomes a space.
+    text = " ".join(text.split()) if vr != "PN" else text.strip()
+    try:
+        if vr == "DA":
+            match = _timestamp(text, location, keyword)
+            return dt.date(int(match[1]), int(match[2] or 1), int(match[3] or 1))
+        if vr == "TM":
+            match = _timestamp(text, location, keyword)
+            return dt.time(int(match[4] or 0), int(match[5] or 0), int(match[6] or 0))
+    except ValueError:
+        raise InvalidOrder(f"{location} {keyword} {text!r} is not a valid date/time",
+                           location=location, attribute=rule.keyword,
+                           code=DATA_TYPE_ERROR) from None
+    if vr == "CS" and keyword == "PatientSex":
+        return _SEX.get(text.upper(), "O")
+    if vr == "CS":
+        text = text.upper()
+    if vr == "UI" and not _UID.match(text):
+        raise InvalidOrder(f"{location} {keyword} {text!r} is not a DICOM UID",
+                           location=location, attribute=rule.keyword, code=DATA_TYPE_ERROR)
+    if vr == "PN":
+        if any(len(group) > 64 for group in text.split("=")):
+            raise InvalidOrder(f"{location} {keyword} is longer than 64 characters",
+                               location=location, attribute=rule.keyword, code=DATA_TYPE_ERROR)
+        return text
+    limit = _MAX_LENGTH.get(vr)
+    if limit is not None and len(text) > limit:
+        raise InvalidOrder(f"{location} {keyword} {text!r} is longer than {limit} characters "
+                           f"({vr})", location=location, attribute=rule.keyword,
+                           code=DATA_TYPE_ERROR)
+    return text
+
+
+def load_mapping(path: Path) -> Mapping:
+    """Read and validate a mapping file; errors name the file, the line and the key."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"mapping: cannot read {path}: {exc.strerror}") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict) or not isinstance(data.get("attributes"), dict):
+        raise ConfigError(f"{path}: expected a top-level 'attributes:' mapping")
+    unknown = set(data) - {"attributes"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}")
+    lines = _key_lines(node)
+    rules = []
+    for keyword, spec in data["attributes"].items():
+        where = f"{path}:{lines.get(str(keyword), '?')}"
+        rules.append(_read_rule(str(keyword), spec, where))
+    keywords = {rule.keyword for rule in rules}
+    for needed in ("PatientID", "AccessionNumber"):
+        if needed not in keywords:
+            raise ConfigError(f"{path}: attributes: {needed} must be mapped")
+    return Mapping(tuple(rules), source=Path(path))
+
+
+def _key_lines(node: yaml.Node | None) -> dict[str, int]:
+    """Line numbers of the keys under 'attributes', for error messages."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    for key, value in node.value:
+        if key.value == "attributes" and isinstance(value, yaml.MappingNode):
+            return {k.value: k.start_mark.line + 1 for k, _ in value.value}
+    return {}

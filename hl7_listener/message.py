@@ -1,0 +1,307 @@
+"""HL7 v2 messages in: bytes -> text (MSH-18) -> hl7apy parse -> values by field path.
+
+hl7apy parses the message (``find_groups=False``: its grouped parse silently drops Z-segments
+such as ZDS; tolerant validation: its strict mode rejects valid ORM^O01). Values are then read
+by path, ``SEG-field[.component[.subcomponent]]``, from the message text split with its own
+delimiters (MSH-1/MSH-2), and HL7 escape sequences are decoded into plain Unicode.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.exceptions import HL7apyException, UnsupportedVersion
+from hl7apy.parser import parse_message
+
+from broker.errors import BrokerError
+
+# HL7 table 0357 codes used in ERR segments.
+SEGMENT_SEQUENCE_ERROR = "100"
+DATA_TYPE_ERROR = "102"
+UNSUPPORTED_MESSAGE_TYPE = "200"
+UNSUPPORTED_VERSION = "203"
+
+# MSH-18 (HL7 table 0211) -> Python codec.
+_CHARSETS = {
+    "": None,
+    "ASCII": "ascii",
+    "8859/1": "iso8859-1",
+    "8859/2": "iso8859-2",
+    "8859/3": "iso8859-3",
+    "8859/4": "iso8859-4",
+    "8859/5": "iso8859-5",
+    "8859/6": "iso8859-6",
+    "8859/7": "iso8859-7",
+    "8859/8": "iso8859-8",
+    "8859/9": "iso8859-9",
+    "8859/15": "iso8859-15",
+    "UNICODE UTF-8": "utf-8",
+    "UNICODE": "utf-8",
+}
+
+_PATH = re.compile(r"^([A-Z][A-Z0-9]{2})-([1-9][0-9]*)(?:\.([1-9][0-9]*))?(?:\.([1-9][0-9]*))?$")
+
+
+class MessageError(BrokerError):
+    """The bytes are not an HL7 message the broker can read; ``code`` is from table 0357."""
+
+    def __init__(self, reason: str, code: str = SEGMENT_SEQUENCE_ERROR) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class FieldPath:
+    segment: str
+    field: int
+    component: int | None = None
+    subcomponent: int | None = None
+
+    def __str__(self) -> str:
+        parts = f"{self.segment}-{self.field}"
+        if self.component is not None:
+            parts += f".{self.component}"
+        if self.subcomponent is not None:
+            parts += f".{self.subcomponent}"
+        return parts
+
+
+def parse_path(text: str) -> FieldPath:
+    match = _PATH.match(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a field path like PID-3.1 or OBR-27.4")
+    segment, fld, comp, sub = match.groups()
+    if sub is not None and comp is None:
+        raise ValueError(f"{text!r} names a subcomponent without a component")
+    return FieldPath(segment, int(fld), int(comp) if comp else None, int(sub) if sub else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Delimiters:
+    field: str = "|"
+    component: str = "^"
+    repetition: str = "~"
+    escape: str = "\\"
+    subcomponent: str = "&"
+
+    @property
+    def encoding_characters(self) -> str:
+        return self.component + self.repetition + self.escape + self.subcomponent
+
+    def escape_text(self, text: str) -> str:
+        """Escape delimiter characters so that ``text`` can stand in a field (HL7 2.7)."""
+        e = self.escape
+        out = text.replace(e, f"{e}E{e}")
+        for char, code in ((self.field, "F"), (self.component, "S"),
+                           (self.subcomponent, "T"), (self.repetition, "R")):
+            out = out.replace(char, f"{e}{code}{e}")
+        return out.replace("\r\n", f"{e}.br{e}").replace("\r", f"{e}.br{e}").replace(
+            "\n", f"{e}.br{e}")
+
+    def unescape(self, text: str, codec: str) -> str:
+        e = self.escape
+        if e not in text:
+            return text
+        out: list[str] = []
+        i = 0
+        while i < len(text):
+            char = text[i]
+            end = text.find(e, i + 1) if char == e else -1
+            if end < 0:
+                out.append(char)
+                i += 1
+                continue
+            out.append(self._escape_value(text[i + 1:end], codec))
+            i = end + 1
+        return "".join(out)
+
+    def _escape_value(self, code: str, codec: str) -> str:
+        simple = {"F": self.field, "S": self.component, "T": self.subcomponent,
+                  "R": self.repetition, "E": self.escape, ".br": "\r\n"}
+        if code in simple:
+            return simple[code]
+        if code[:1] == "X" and len(code) % 2 == 1:
+            try:
+                return bytes.fromhex(code[1:]).decode(codec, errors="replace")
+            except ValueError:
+                return ""
+        # \H\ \N\ (highlighting), \Zxx\ (locally defined), \Cxxyy\ \Mxxyyzz\ (character set
+        # switches) carry no text of their own.
+        return ""
+
+
+def _charset(raw: bytes) -> str:
+    """The MSH-18 value, read from the raw bytes (MSH is ASCII in every supported charset)."""
+    start = raw.find(b"MSH")
+    if start < 0 or len(raw) < start + 4:
+        return ""
+    separator = raw[start + 3:start + 4]
+    end = len(raw)
+    for terminator in (b"\r", b"\n"):
+        position = raw.find(terminator, start)
+        if position >= 0:
+            end = min(end, position)
+    fields = raw[start:end].split(separator)
+    # fields[0] is "MSH" and MSH-1 is the separator itself, so MSH-n is fields[n - 1].
+    if len(fields) < 18:
+        return ""
+    value = fields[17].split(raw[start + 4:start + 5] or b"^")[0]
+    return value.decode("ascii", errors="replace").strip().upper()
+
+
+def decode(raw: bytes, fallback: str = "iso8859-1") -> tuple[str, str]:
+    """Decode the message per MSH-18; returns (text, codec).
+
+    Without MSH-18, UTF-8 if the bytes are valid UTF-8, else ``fallback``. A declared charset
+    that does not fit the bytes is an error, so a wrong declaration never stores mojibake.
+    """
+    declared = _charset(raw)
+    if declared not in _CHARSETS:
+        raise MessageError(f"MSH-18 character set {declared!r} is not supported",
+                           DATA_TYPE_ERROR)
+    codec = _CHARSETS[declared]
+    if codec is None:
+        try:
+            return raw.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            return raw.decode(fallback), fallback
+    try:
+        return raw.decode(codec), codec
+    except UnicodeDecodeError as exc:
+        raise MessageError(f"message bytes are not valid {declared} as MSH-18 declares "
+                           f"(byte 0x{raw[exc.start]:02X} at offset {exc.start})",
+                           DATA_TYPE_ERROR) from None
+
+
+@dataclass(slots=True)
+class ParsedMessage:
+    """A parsed message: its header facts, and values by field path."""
+
+    delimiters: Delimiters
+    codec: str
+    segments: list[tuple[str, list[list[str]]]] = field(default_factory=list)
+
+    def segment_fields(self, name: str) -> list[list[str]] | None:
+        """The first segment called ``name``: per field number, its repetitions' ER7 text."""
+        for seg_name, fields in self.segments:
+            if seg_name == name:
+                return fields
+        return None
+
+    def segment_names(self) -> list[str]:
+        return [name for name, _ in self.segments]
+
+    def raw(self, path: FieldPath) -> str:
+        """ER7 text at ``path`` (first repetition), escapes still encoded; '' when absent."""
+        fields = self.segment_fields(path.segment)
+        if fields is None or path.field >= len(fields) or not fields[path.field]:
+            return ""
+        text = fields[path.field][0]
+        d = self.delimiters
+        if path.component is not None:
+            parts = text.split(d.component)
+            text = parts[path.component - 1] if path.component <= len(parts) else ""
+            if path.subcomponent is not None:
+                subs = text.split(d.subcomponent)
+                text = subs[path.subcomponent - 1] if path.subcomponent <= len(subs) else ""
+        return text
+
+    def components(self, path: FieldPath) -> list[str]:
+        """The decoded components of the field at ``path`` (first repetition)."""
+        text = self.raw(FieldPath(path.segment, path.field))
+        d = self.delimiters
+        return [d.unescape(c, self.codec) for c in text.split(d.component)] if text else []
+
+    def get(self, path: str | FieldPath) -> str | None:
+        """The decoded value at ``path``, or None when it is empty or absent.
+
+        A path without a component on a composite field returns the whole field with its
+        components joined by '^' (DICOM's component separator), for PN values.
+        """
+        if isinstance(path, str):
+            path = parse_path(path)
+        text = self.raw(path)
+        if not text or text == '""':  # "" is HL7's explicit null
+            return None
+        d = self.delimiters
+        if path.component is None and d.component in text:
+            value = "^".join(d.unescape(c, self.codec) for c in text.split(d.component))
+        else:
+            value = d.unescape(text, self.codec)
+        return value or None
+
+    # The header fields every caller needs, named.
+    def msh(self, number: int) -> str:
+        return self.raw(FieldPath("MSH", number))
+
+    @property
+    def message_type(self) -> str:
+        return self.raw(FieldPath("MSH", 9, 1))
+
+    @property
+    def trigger_event(self) -> str:
+        return self.raw(FieldPath("MSH", 9, 2))
+
+    @property
+    def control_id(self) -> str:
+        return self.msh(10)
+
+    @property
+    def version(self) -> str:
+        return self.raw(FieldPath("MSH", 12, 1))
+
+
+def _split_segments(text: str) -> list[str]:
+    # Sloppy senders end segments with \n or \r\n instead of \r; accept all three.
+    return [s for s in re.split(r"\r\n|\r|\n", text) if s.strip()]
+
+
+def tokenize(text: str) -> ParsedMessage:
+    """Split a message with its own delimiters, without hl7apy (for ACKs, and after parse)."""
+    lines = _split_segments(text)
+    if not lines or not lines[0].startswith("MSH") or len(lines[0]) < 8:
+        raise MessageError("no MSH segment: this is not an HL7 v2 message")
+    header = lines[0]
+    sep = header[3]
+    chars = header[4:8]
+    if len(set(sep + chars)) != 5 or sep.isalnum():
+        raise MessageError("MSH-1/MSH-2 do not declare five distinct delimiters")
+    delimiters = Delimiters(sep, chars[0], chars[1], chars[2], chars[3])
+    message = ParsedMessage(delimiters, "utf-8")
+    for line in lines:
+        parts = line.split(sep)
+        name = parts[0]
+        if name == "MSH":
+            # MSH-1 is the field separator itself: shift so that fields[n] is MSH-n.
+            parts = [name, sep, *parts[1:]]
+        fields = [p.split(delimiters.repetition) if i and not (name == "MSH" and i <= 2)
+                  else [p] for i, p in enumerate(parts)]
+        message.segments.append((name, fields))
+    return message
+
+
+def parse(raw: bytes) -> ParsedMessage:
+    """Decode and parse an inbound message, or raise MessageError with a table 0357 code."""
+    text, codec = decode(raw)
+    lines = _split_segments(text)
+    if not lines or not lines[0].startswith("MSH"):
+        raise MessageError("no MSH segment: this is not an HL7 v2 message")
+    try:
+        parsed = parse_message("\r".join(lines), find_groups=False,
+                               validation_level=VALIDATION_LEVEL.TOLERANT)
+    except UnsupportedVersion as exc:
+        raise MessageError(f"HL7 version not supported: {exc}", UNSUPPORTED_VERSION) from None
+    except HL7apyException as exc:
+        raise MessageError(f"unparseable HL7 message: {exc}") from None
+    except (ValueError, IndexError, KeyError, AttributeError) as exc:
+        raise MessageError(f"unparseable HL7 message: {exc}") from None
+    if parsed.children[0].name != "MSH":
+        raise MessageError("no MSH segment: this is not an HL7 v2 message")
+    # hl7apy checked the structure; values are read from the original text, because its
+    # ER7 rendering re-escapes hexadecimal escapes (\X41\ comes back as \E\X41\E\).
+    message = tokenize("\r".join(lines))
+    message.codec = codec
+    return message

@@ -1,0 +1,139 @@
+"""MLLP framing (start block 0x0B, end block 0x1C 0x0D), separate from what a message means.
+
+Used alike by the listener (``read_frame`` over asyncio streams), the ``send`` command and the
+outbound sender (``MllpClient``, blocking, with timeouts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+START_BLOCK = b"\x0b"
+END_BLOCK = b"\x1c\x0d"
+_MAX_JUNK_CHUNKS = 10_000  # bounds the loop that skips bytes sent outside a frame
+
+
+class FrameTooLarge(Exception):
+    """A frame longer than the configured limit; the connection cannot be resynchronised."""
+
+
+class FramingError(Exception):
+    """The peer broke the framing, e.g. closed the connection inside a frame."""
+
+
+class MllpError(OSError):
+    """The peer could not be reached, or did not answer with a frame in time."""
+
+
+def frame(payload: bytes) -> bytes:
+    return START_BLOCK + payload + END_BLOCK
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes | None:
+    """The next frame's payload, or None when the peer closed the connection between frames.
+
+    The reader's own limit (set when the server is started) must exceed ``max_bytes``; bytes
+    outside a frame are skipped and logged, never treated as a message.
+    """
+    for _ in range(_MAX_JUNK_CHUNKS):
+        try:
+            junk = await reader.readuntil(START_BLOCK)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial.strip():
+                log.warning("discarded %d bytes after the last frame", len(exc.partial))
+            return None
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)
+            log.warning("discarded %d bytes outside a frame", exc.consumed)
+            continue
+        if len(junk) > 1 and junk[:-1].strip():
+            log.warning("discarded %d bytes outside a frame", len(junk) - 1)
+        break
+    else:
+        raise FramingError("no start block found")
+    try:
+        body = await reader.readuntil(END_BLOCK)
+    except asyncio.LimitOverrunError:
+        raise FrameTooLarge(f"message exceeds {max_bytes} bytes") from None
+    except asyncio.IncompleteReadError as exc:
+        raise FramingError(f"connection closed inside a frame after {len(exc.partial)} bytes"
+                           ) from None
+    payload = body[:-len(END_BLOCK)]
+    if START_BLOCK in payload:
+        # A start block inside a frame means the previous frame was cut short by the sender;
+        # its remains are dropped rather than glued to the next message.
+        cut = payload.rindex(START_BLOCK)
+        log.warning("discarded a truncated frame of %d bytes", cut)
+        payload = payload[cut + 1:]
+    if len(payload) > max_bytes:
+        raise FrameTooLarge(f"message exceeds {max_bytes} bytes")
+    return payload
+
+
+class MllpClient:
+    """A blocking MLLP client that keeps its connection open between messages."""
+
+    def __init__(self, host: str, port: int, *, connect_timeout: float = 5.0,
+                 read_timeout: float = 30.0, max_bytes: int = 1 << 20) -> None:
+        self.host = host
+        self.port = port
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._max_bytes = max_bytes
+        self._sock: socket.socket | None = None
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.create_connection((self.host, self.port), timeout=self._connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self._read_timeout)
+            self._sock = sock
+        return self._sock
+
+    def _read_reply(self, sock: socket.socket) -> bytes:
+        buffer = b""
+        while END_BLOCK not in buffer:
+            if len(buffer) > self._max_bytes + 2:
+                raise MllpError(f"reply exceeds {self._max_bytes} bytes")
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise MllpError("connection closed before a complete reply")
+            buffer += chunk
+        start = buffer.find(START_BLOCK)
+        end = buffer.index(END_BLOCK)
+        if start < 0 or start > end:
+            raise MllpError("reply is not an MLLP frame")
+        return buffer[start + 1:end]
+
+    def send(self, message: bytes) -> bytes:
+        """Send one message and return the payload of the reply frame."""
+        try:
+            sock = self._connect()
+            sock.sendall(frame(message))
+            return self._read_reply(sock)
+        except MllpError:
+            self.close()
+            raise
+        except OSError as exc:
+            self.close()
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            raise MllpError(reason) from None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def __enter__(self) -> MllpClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

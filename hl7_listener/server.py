@@ -1,0 +1,163 @@
+"""The MLLP listener: owns the wire (connections, frames, limits, timeouts); a handler owns
+what a message means.
+
+It runs its own asyncio event loop in one thread. Database work never runs on that loop:
+each message goes to a worker thread, and its ACK is written back when the handler returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import socket
+import threading
+from typing import Protocol
+
+from hl7_listener.mllp import FrameTooLarge, FramingError, frame, read_frame
+
+log = logging.getLogger(__name__)
+
+
+class MessageHandler(Protocol):
+    def handle(self, raw: bytes) -> bytes: ...
+
+    def reject(self, reason: str, code: str = "100") -> bytes: ...
+
+
+class MllpServer:
+    def __init__(self, handler: MessageHandler, *, host: str, port: int, max_connections: int,
+                 idle_timeout: float, max_message_bytes: int) -> None:
+        self._handler = handler
+        self._host = host
+        self._port = port
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout
+        self._max_bytes = max_message_bytes
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        # SQLite has one writer at a time anyway; a few workers keep PostgreSQL busy enough
+        # without letting a flood of connections open a flood of database sessions.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(max_connections, 8), thread_name_prefix="hl7-worker")
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            return self._port
+        return self._server.sockets[0].getsockname()[1]
+
+    def start(self) -> None:
+        """Listen, in a thread of its own; returns once listening, or raises OSError."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                self._server = loop.run_until_complete(asyncio.start_server(
+                    self._connection, self._host, self._port,
+                    limit=self._max_bytes + 64, reuse_address=True))
+            except BaseException as exc:
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="mllp-listener", daemon=True)
+        self._thread.start()
+        ready.wait(timeout=30)
+        if failure:
+            self._thread.join(timeout=5)
+            raise failure[0]
+        log.info("MLLP listener on %s:%d", self._host, self.port)
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if len(self._writers) >= self._max_connections:
+            log.warning("refused HL7 connection from %s: %d connections already open",
+                        peer, self._max_connections)
+            writer.close()
+            return
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        log.debug("HL7 connection from %s", peer)
+        try:
+            await self._serve(reader, writer, peer)
+        except (ConnectionError, OSError) as exc:
+            log.warning("HL7 connection from %s lost: %s", peer, exc)
+        finally:
+            self._writers.discard(writer)
+            if task is not None:
+                self._tasks.discard(task)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     peer: object) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                payload = await asyncio.wait_for(read_frame(reader, self._max_bytes),
+                                                 self._idle_timeout)
+            except TimeoutError:
+                log.info("HL7 connection from %s idle for %ss, closed", peer,
+                         self._idle_timeout)
+                return
+            except FrameTooLarge as exc:
+                # The rest of the oversized frame cannot be told apart from a new one: answer,
+                # then close so the sender starts clean.
+                nak = await loop.run_in_executor(self._executor, self._handler.reject,
+                                                 str(exc), "100")
+                writer.write(frame(nak))
+                await writer.drain()
+                return
+            except FramingError as exc:
+                log.warning("HL7 connection from %s: %s", peer, exc)
+                return
+            if payload is None:
+                return
+            ack = await loop.run_in_executor(self._executor, self._handler.handle, payload)
+            writer.write(frame(ack))
+            await writer.drain()
+
+    def stop(self, timeout: float = 5) -> None:
+        loop, server = self._loop, self._server
+        if loop is None or server is None or self._thread is None:
+            self._executor.shutdown(wait=False)
+            return
+
+        async def close_all() -> None:
+            server.close()
+            for writer in list(self._writers):
+                writer.close()
+            if self._tasks:
+                # A handler busy in a worker thread finishes its message and commit first.
+                await asyncio.wait(list(self._tasks), timeout=timeout)
+
+        if loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(close_all(), loop)
+            try:
+                future.result(timeout + 1)
+            except (concurrent.futures.TimeoutError, RuntimeError) as exc:
+                log.warning("MLLP listener did not close cleanly: %s", exc)
+            loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(timeout)
+        # Messages already handed to a worker finish (and commit) before the process exits.
+        self._executor.shutdown(wait=True)
+        log.info("MLLP listener stopped")
