@@ -1,245 +1,426 @@
-"""Worklist matching (DICOM PS3.4 C.2.2.2 and K.2.2.1) turned into SQL filters.
+"""Modality Worklist matching (PS3.4 C.2.2.2 and K.6.1.2) turned into SQLAlchemy filters.
 
-One function per matching type, as in pynetdicom's qrscp database module: single value,
-wildcard (``*`` and ``?`` become LIKE with the value's own ``%`` and ``_`` escaped), range on
-dates and times, list of UIDs, and universal matching (no filter at all). Every filter runs in
-the database on indexed columns; nothing loops over rows in Python.
+One function per matching type, after pynetdicom's ``apps/qrscp/db.py``:
 
-Scheduled Procedure Step Start Date and Time: when a query carries both, they are matched as
-one combined date-time range (PS3.4 C.2.2.2.5.1, "Range Matching of Attributes of VR of DA
-and TM together"): ``date=20261129-20261130, time=0800-1200`` means from 2026-11-29 08:00 to
-2026-11-30 12:00, not 08:00-12:00 on each day. A time without a date matches the time of
-day on any date. DCMTK's wlmscpfs applies the same combined rule.
+- universal matching (C.2.2.2.3): no value, or a lone ``*`` -> no filter at all, so items
+  whose attribute is empty still match;
+- single value matching (C.2.2.2.1): ``column = value``; for PN the broker uses the freedom
+  the standard gives and matches case-insensitively by default;
+- wild card matching (C.2.2.2.4): ``*`` and ``?`` become SQL ``%`` and ``_``, while a literal
+  ``%``, ``_`` or the escape character in the value is escaped, so ``50%`` matches only
+  ``50%``;
+- list of UID matching (C.2.2.2.2): ``uid1\\uid2`` -> ``IN``;
+- range matching (C.2.2.2.5) on the scheduled start date and time, which the store keeps as
+  one naive ``DateTime`` column, see :func:`start_interval`.
+
+Every filter is pushed into the one SQL statement :func:`find_worklist` runs; nothing loops over
+rows in Python. This module knows nothing of pydicom: the DICOM edge reads the identifier into
+a :class:`WorklistQuery` of plain strings.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import ColumnElement, Select, String, and_, func, select
-from sqlalchemy.orm import Session, contains_eager
-from sqlalchemy.sql.elements import ColumnElement as Column
+from sqlalchemy import ColumnElement, Time, cast, func, or_, select
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from broker.domain import (
-    VISIBLE_STATUSES,
-    ItemStatus,
-    PatientData,
-    ProcedureData,
-    WorklistRow,
-)
+from broker.domain import VISIBLE_STATUSES, ItemStatus, PatientData, ProcedureData, WorklistRow
 from broker.errors import BrokerError
 from broker.models import Patient, WorklistItem
 
+log = logging.getLogger(__name__)
+
+DEFAULT_LIMIT = 1000
+
+# Escape character for LIKE patterns; not a DICOM wildcard and rare in worklist values.
+_ESCAPE = "/"
+_LIKE_SPECIAL = {"%": "/%", "_": "/_", "/": "//"}
+
+_DATE = re.compile(r"(\d{4})(\d{2})(\d{2})")
+_TIME = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?")
+_ONE_DAY = dt.timedelta(days=1)
+
 
 class InvalidQuery(BrokerError):
-    """A matching key value that cannot be read (e.g. a malformed date range)."""
+    """A key's value cannot be matched: a malformed date, time or range."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
 class WorklistQuery:
-    """The matching keys of one C-FIND; None means universal matching (no condition)."""
+    """The matching keys of one worklist query; ``None`` means universal matching.
+
+    Text keys take DICOM single values or wild cards; several values separated by ``\\``
+    match if any of them matches. ``scheduled_start_date`` is a DA value or range
+    (``20260101``, ``20260101-20260107``, ``-20260107``, ``20260101-``) and
+    ``scheduled_start_time`` a TM value or range; see :func:`start_interval` for how they
+    combine. ``statuses`` lists the item statuses returned (an empty tuple returns nothing);
+    by default only work still to do or under way.
+    """
 
     accession_number: str | None = None
     patient_id: str | None = None
     issuer_of_patient_id: str | None = None
     patient_name: str | None = None
-    study_instance_uid: str | None = None
-    requested_procedure_id: str | None = None
     referring_physician_name: str | None = None
+    requested_procedure_id: str | None = None
+    study_instance_uid: str | None = None
     modality: str | None = None
     scheduled_station_ae_title: str | None = None
-    sps_id: str | None = None
     scheduled_start_date: str | None = None
     scheduled_start_time: str | None = None
+    sps_id: str | None = None
     statuses: tuple[ItemStatus, ...] = VISIBLE_STATUSES
-    case_insensitive_names: bool = True
-    limit: int = 1000
+    limit: int = DEFAULT_LIMIT
+    # PS3.4 C.2.2.2.1 lets PN matching ignore case; modalities type names in any case.
+    names_case_sensitive: bool = False
 
 
-def _is_wildcard(value: str) -> bool:
-    return "*" in value or "?" in value
+Column = InstrumentedAttribute[Any]
+Condition = ColumnElement[bool]
+
+
+# --- text: single value, wild card, lists --------------------------------------------------
+
+def _like_literal(text: str) -> str:
+    return "".join(_LIKE_SPECIAL.get(ch, ch) for ch in text)
 
 
 def _like_pattern(value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped.replace("*", "%").replace("?", "_")
+    # DICOM has no escape for its wild cards (C.2.2.2.4): every * and ? is one.
+    out = []
+    for ch in value:
+        if ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        else:
+            out.append(_LIKE_SPECIAL.get(ch, ch))
+    return "".join(out)
 
 
-def match_single_or_wildcard(column: Column[str | None], value: str,
-                             case_insensitive: bool = False) -> ColumnElement[bool] | None:
-    """Single value matching, or wildcard matching when the value holds ``*`` or ``?``
-    (PS3.4 C.2.2.2.1 and C.2.2.2.3); None when it matches everything."""
-    if value.strip("*") == "":
-        # "*" alone is universal: it matches every item, even one with no value (C.2.2.2.3).
-        return None
-    target: ColumnElement[str | None] = column
+def _glob_pattern(value: str) -> str:
+    # GLOB shares * and ? with DICOM; only "[" opens a character class.
+    return value.replace("[", "[[]")
+
+
+def match_single_value(column: Column, value: str, *, case_insensitive: bool = False) -> Condition:
+    """PS3.4 C.2.2.2.1: the attribute equals the value (for PN optionally ignoring case)."""
     if case_insensitive:
-        target = func.lower(column)
-        value = value.lower()
-    if _is_wildcard(value):
-        return target.like(_like_pattern(value), escape="\\")
-    return target == value
+        return column.ilike(_like_literal(value), escape=_ESCAPE)
+    return column == value
 
 
-def match_uid_list(column: Column[str | None], value: str) -> ColumnElement[bool]:
-    """List of UID matching (C.2.2.2.2): backslash-separated UIDs, any of which may match."""
+def match_wildcard(column: Column, value: str, *, dialect: str,
+                   case_insensitive: bool = False) -> Condition:
+    """PS3.4 C.2.2.2.4: ``*`` any run of characters, ``?`` any one character.
+
+    Case-sensitive except where ``case_insensitive`` (PN). SQLite's LIKE ignores ASCII case
+    whatever is asked, so a case-sensitive match there is GLOB, whose wild cards are DICOM's.
+    Case-insensitive matching on SQLite folds ASCII letters only (its ``lower()``).
+    """
+    if case_insensitive:
+        return column.ilike(_like_pattern(value), escape=_ESCAPE)
+    if dialect == "sqlite":
+        return column.op("GLOB")(_glob_pattern(value))
+    return column.like(_like_pattern(value), escape=_ESCAPE)
+
+
+def match_text(column: Column, value: str | None, *, dialect: str,
+               case_insensitive: bool = False) -> Condition | None:
+    """Universal, single value or wild card matching, chosen by the value; ``None`` = no filter.
+
+    Several values separated by ``\\`` match if any does. PS3.4 C.2.2.2.8 leaves multiple
+    values undefined without Extended Negotiation (which modalities do not propose); the
+    worklist keys hold one value each, so "any of" is the only useful reading, and what a
+    query such as ``Modality=CT\\MR`` means.
+    """
+    if value is None:
+        return None
+    conditions: list[Condition] = []
+    for part in value.split("\\"):
+        if part == "*":
+            return None  # C.2.2.2.4: a lone "*" is universal matching, empty values included
+        if not part:
+            continue
+        if "*" in part or "?" in part:
+            conditions.append(match_wildcard(column, part, dialect=dialect,
+                                             case_insensitive=case_insensitive))
+        else:
+            conditions.append(match_single_value(column, part,
+                                                 case_insensitive=case_insensitive))
+    if not conditions:
+        return None
+    return conditions[0] if len(conditions) == 1 else or_(*conditions)
+
+
+def match_uid_list(column: Column, value: str | None) -> Condition | None:
+    """PS3.4 C.2.2.2.2: any of the ``\\``-separated UIDs; no wild cards in UIDs."""
+    if value is None:
+        return None
     uids = [uid.strip() for uid in value.split("\\") if uid.strip()]
-    return column.in_(uids) if len(uids) > 1 else column == uids[0]
+    if not uids:
+        return None
+    return column == uids[0] if len(uids) == 1 else column.in_(uids)
 
 
-def _parse_date(text: str) -> dt.date:
-    text = text.strip().replace(".", "")  # ACR-NEMA style YYYY.MM.DD still seen in the wild
+# --- dates and times --------------------------------------------------------------------
+
+def parse_date(text: str) -> dt.date:
+    """A DA value ``YYYYMMDD`` (or the ACR-NEMA ``YYYY.MM.DD`` PS3.5 6.2 still allows)."""
+    cleaned = text.strip()
+    if len(cleaned) == 10 and cleaned[4] == "." and cleaned[7] == ".":
+        cleaned = cleaned.replace(".", "")
+    found = _DATE.fullmatch(cleaned)
+    if found is None:
+        raise InvalidQuery(f"{text!r} is not a DICOM date (YYYYMMDD)")
     try:
-        return dt.datetime.strptime(text, "%Y%m%d").date()
+        return dt.date(int(found[1]), int(found[2]), int(found[3]))
     except ValueError:
-        raise InvalidQuery(f"{text!r} is not a DICOM date (YYYYMMDD)") from None
+        raise InvalidQuery(f"{text!r} is not a valid date") from None
 
 
-_TIME = re.compile(r"^(\d{2})(?::?(\d{2}))?(?::?(\d{2}))?(?:\.(\d{1,6}))?$")
+def parse_time(text: str) -> tuple[dt.time, dt.timedelta]:
+    """A TM value as (first instant, length of the period its precision names).
 
-
-def _parse_time(text: str, upper: bool) -> dt.time:
-    match = _TIME.match(text.strip())
-    if match is None:
-        raise InvalidQuery(f"{text!r} is not a DICOM time (HHMMSS)")
-    hour, minute, second, fraction = match.groups()
+    ``09`` is the hour 09:00-10:00, ``0930`` the minute 09:30-09:31, ``093000.5`` a tenth of
+    a second; the legacy ``HH:MM:SS`` form is read too.
+    """
+    cleaned = text.strip().replace(":", "")
+    found = _TIME.fullmatch(cleaned)
+    if found is None:
+        raise InvalidQuery(f"{text!r} is not a DICOM time (HHMMSS.FFFFFF)")
+    hour, minute, second, fraction = found.groups()
+    if fraction is not None:
+        span = dt.timedelta(microseconds=10 ** (6 - len(fraction)))
+    elif second is not None:
+        span = dt.timedelta(seconds=1)
+    elif minute is not None:
+        span = dt.timedelta(minutes=1)
+    else:
+        span = dt.timedelta(hours=1)
     try:
-        if upper:
-            # An upper bound of lower precision covers its whole unit: 12 means 12:59:59.999999.
-            return dt.time(int(hour), int(minute) if minute else 59,
-                           int(second) if second else 59,
-                           int((fraction or "").ljust(6, "9")) if fraction or not second
-                           else 999999)
-        return dt.time(int(hour), int(minute or 0), int(second or 0),
-                       int((fraction or "0").ljust(6, "0")))
+        start = dt.time(int(hour), int(minute or 0), int(second or 0),
+                        int((fraction or "0").ljust(6, "0")))
     except ValueError:
         raise InvalidQuery(f"{text!r} is not a valid time") from None
+    return start, span
 
 
-def _split_range(value: str) -> tuple[str, str] | None:
+def _split_range(value: str, what: str) -> tuple[str | None, str | None]:
+    """``A`` -> (A, A), ``A-B`` -> (A, B), ``-B`` -> (None, B), ``A-`` -> (A, None)."""
+    value = value.strip()
     if "-" not in value:
-        return None
-    if value.count("-") > 1:
-        raise InvalidQuery(f"{value!r} is not a range (A-B, -B or A-)")
-    low, high = value.split("-")
-    return low.strip(), high.strip()
+        return value, value
+    low, _, high = value.partition("-")
+    if "-" in high:
+        raise InvalidQuery(f"{what} {value!r}: a range has one '-'")
+    low, high = low.strip(), high.strip()
+    if not low and not high:
+        raise InvalidQuery(f"{what} {value!r}: a range needs a start or an end")
+    return low or None, high or None
 
 
-def _bounds(date_value: str | None, time_value: str | None,
-            ) -> tuple[dt.datetime | None, dt.datetime | None]:
-    """The combined date-time interval [low, high] a DA (+ TM) key asks for."""
-    low_date = high_date = None
-    if date_value:
-        parts = _split_range(date_value)
-        if parts is None:
-            low_date = high_date = _parse_date(date_value)
-        else:
-            low_date = _parse_date(parts[0]) if parts[0] else None
-            high_date = _parse_date(parts[1]) if parts[1] else None
-    low_time, high_time = dt.time.min, dt.time.max
+def _at(day: dt.date, time: dt.time) -> dt.datetime:
+    return dt.datetime.combine(day, time)
+
+
+def start_interval(date_value: str | None,
+                   time_value: str | None) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """The scheduled start period a date and time query selects, as [low, high).
+
+    PS3.4 C.2.2.2.5: with the date alone, a date or range covers whole days (``-B`` all
+    before the end of day B, ``A-`` all from the start of day A). When both the date and the
+    time are given they are one combined date-time range, not a daily time window:
+    ``20060705-20060707`` with ``1000-1800`` selects 5 July 10:00 to 7 July 18:00. A single
+    value counts as a range of itself (``20060705`` with ``1000-1800`` is that day 10:00 to
+    18:00). The start time applies to the start date and the end time to the end date; an
+    open side stays open. A time of reduced precision covers its whole unit, so an end of
+    ``1800`` includes 18:00:59.
+
+    Returns ``(None, None)`` when the date is universal; a time alone is matched separately,
+    as a time of day on any date (:func:`time_of_day_condition`).
+    """
+    if not date_value:
+        return None, None
+    low_date_text, high_date_text = _split_range(date_value, "ScheduledProcedureStepStartDate")
+    low_date = parse_date(low_date_text) if low_date_text else None
+    high_date = parse_date(high_date_text) if high_date_text else None
+    if low_date and high_date and low_date > high_date:
+        raise InvalidQuery(f"ScheduledProcedureStepStartDate {date_value!r}: the range ends "
+                           "before it starts")
+    low_time: tuple[dt.time, dt.timedelta] | None = None
+    high_time: tuple[dt.time, dt.timedelta] | None = None
     if time_value:
-        parts = _split_range(time_value)
-        if parts is None:
-            low_time, high_time = _parse_time(time_value, False), _parse_time(time_value, True)
+        low_time_text, high_time_text = _split_range(time_value,
+                                                     "ScheduledProcedureStepStartTime")
+        low_time = parse_time(low_time_text) if low_time_text else None
+        high_time = parse_time(high_time_text) if high_time_text else None
+    low = None
+    if low_date is not None:
+        low = _at(low_date, low_time[0] if low_time else dt.time())
+    high = None
+    if high_date is not None:
+        if high_time is not None:
+            high = _at(high_date, high_time[0]) + high_time[1]
         else:
-            low_time = _parse_time(parts[0], False) if parts[0] else dt.time.min
-            high_time = _parse_time(parts[1], True) if parts[1] else dt.time.max
-    low = dt.datetime.combine(low_date, low_time) if low_date else None
-    high = dt.datetime.combine(high_date, high_time) if high_date else None
+            high = _at(high_date, dt.time()) + _ONE_DAY
+    if low is not None and high is not None and low >= high:
+        raise InvalidQuery(f"scheduled start {date_value!r} {time_value!r}: the range ends "
+                           "before it starts")
     return low, high
 
 
-def match_scheduled_start(column: Column[dt.datetime | None], date_value: str | None,
-                          time_value: str | None) -> ColumnElement[bool] | None:
-    """Single value and range matching on the SPS start, date and time combined."""
-    if not date_value and not time_value:
-        return None
-    if date_value:
-        low, high = _bounds(date_value, time_value)
-        conditions = []
-        if low is not None:
-            conditions.append(column >= low)
-        if high is not None:
-            conditions.append(column <= high)
-        if not conditions:
-            raise InvalidQuery("a date range needs at least one bound")
-        return and_(*conditions)
-    # A time without a date: the time of day, on any date.
-    low_dt, high_dt = _bounds("20000101", time_value)
-    assert low_dt is not None and high_dt is not None
-    # Both backends render a timestamp as 'YYYY-MM-DD HH:MM:SS...': characters 12-19.
-    time_of_day = func.substr(func.cast(column, String()), 12, 8)
-    return and_(time_of_day >= low_dt.strftime("%H:%M:%S"),
-                time_of_day <= high_dt.strftime("%H:%M:%S"))
+def _time_of_day(column: Column, dialect: str) -> tuple[ColumnElement[Any], Any]:
+    """An SQL expression for the column's time of day, and how to render a bound for it."""
+    if dialect == "sqlite":
+        # SQLite stores DateTime as text; strftime's %f is SS.SSS, so milliseconds.
+        return (func.strftime("%H:%M:%f", column),
+                lambda t: f"{t:%H:%M:%S}.{t.microsecond // 1000:03d}")
+    return cast(column, Time), lambda t: t
 
 
-def _filters(query: WorklistQuery) -> list[ColumnElement[bool]]:
-    ci = query.case_insensitive_names
-    item, patient = WorklistItem, Patient
-    text_keys: list[tuple[Column[str | None], str | None, bool]] = [
-        (item.accession_number, query.accession_number, False),
-        (patient.patient_id, query.patient_id, False),
-        (patient.issuer_of_patient_id, query.issuer_of_patient_id, False),
-        (patient.patient_name, query.patient_name, ci),
-        (item.requested_procedure_id, query.requested_procedure_id, False),
-        (item.referring_physician_name, query.referring_physician_name, ci),
-        (item.modality, query.modality, False),
-        (item.scheduled_station_ae_title, query.scheduled_station_ae_title, False),
-        (item.sps_id, query.sps_id, False),
+def time_of_day_condition(column: Column, time_value: str | None,
+                          dialect: str) -> list[Condition]:
+    """A TM value or range without a date: the time of day, on any date (C.2.2.2.5)."""
+    if not time_value:
+        return []
+    low_text, high_text = _split_range(time_value, "ScheduledProcedureStepStartTime")
+    expression, bound = _time_of_day(column, dialect)
+    conditions: list[Condition] = []
+    if low_text:
+        conditions.append(expression >= bound(parse_time(low_text)[0]))
+    if high_text:
+        start, span = parse_time(high_text)
+        end = _at(dt.date.min, start) + span
+        if end.date() == dt.date.min:  # an end of 24:00 is no bound at all
+            conditions.append(expression < bound(end.time()))
+    return conditions
+
+
+# --- the query --------------------------------------------------------------------------
+
+_COLUMNS = (
+    Patient.patient_id,
+    Patient.issuer_of_patient_id,
+    Patient.patient_name,
+    Patient.birth_date,
+    Patient.sex,
+    WorklistItem.accession_number,
+    WorklistItem.study_instance_uid,
+    WorklistItem.requested_procedure_id,
+    WorklistItem.requested_procedure_description,
+    WorklistItem.requested_procedure_code_value,
+    WorklistItem.requested_procedure_code_scheme,
+    WorklistItem.requested_procedure_code_meaning,
+    WorklistItem.sps_id,
+    WorklistItem.sps_description,
+    WorklistItem.modality,
+    WorklistItem.scheduled_station_ae_title,
+    WorklistItem.scheduled_start,
+    WorklistItem.referring_physician_name,
+    WorklistItem.requesting_physician,
+    WorklistItem.placer_order_number,
+    WorklistItem.filler_order_number,
+    WorklistItem.status,
+)
+
+
+def conditions(query: WorklistQuery, dialect: str) -> list[Condition]:
+    """Every filter the query asks for, ready for ``select(...).where(*conditions)``."""
+    names_ci = not query.names_case_sensitive
+    text_keys: list[tuple[Column, str | None, bool]] = [
+        (WorklistItem.accession_number, query.accession_number, False),
+        (Patient.patient_id, query.patient_id, False),
+        (Patient.issuer_of_patient_id, query.issuer_of_patient_id, False),
+        (Patient.patient_name, query.patient_name, names_ci),
+        (WorklistItem.referring_physician_name, query.referring_physician_name, names_ci),
+        (WorklistItem.requested_procedure_id, query.requested_procedure_id, False),
+        (WorklistItem.modality, query.modality, False),
+        (WorklistItem.scheduled_station_ae_title, query.scheduled_station_ae_title, False),
+        (WorklistItem.sps_id, query.sps_id, False),
     ]
-    filters: list[ColumnElement[bool]] = [item.status.in_([s.value for s in query.statuses])]
-    for column, value, insensitive in text_keys:
-        condition = match_single_or_wildcard(column, value, insensitive) if value else None
+    found: list[Condition] = [WorklistItem.status.in_([str(s) for s in query.statuses])]
+    for column, value, case_insensitive in text_keys:
+        condition = match_text(column, value, dialect=dialect,
+                               case_insensitive=case_insensitive)
         if condition is not None:
-            filters.append(condition)
-    if query.study_instance_uid:
-        filters.append(match_uid_list(item.study_instance_uid, query.study_instance_uid))
-    start = match_scheduled_start(item.scheduled_start, query.scheduled_start_date,
-                                  query.scheduled_start_time)
-    if start is not None:
-        filters.append(start)
-    return filters
+            found.append(condition)
+    uid = match_uid_list(WorklistItem.study_instance_uid, query.study_instance_uid)
+    if uid is not None:
+        found.append(uid)
+    if query.scheduled_start_date:
+        low, high = start_interval(query.scheduled_start_date, query.scheduled_start_time)
+        if low is not None:
+            found.append(WorklistItem.scheduled_start >= low)
+        if high is not None:
+            found.append(WorklistItem.scheduled_start < high)
+    else:
+        found.extend(time_of_day_condition(WorklistItem.scheduled_start,
+                                           query.scheduled_start_time, dialect))
+    return found
 
 
-def build_select(query: WorklistQuery) -> Select[tuple[WorklistItem]]:
-    return (select(WorklistItem)
-            .join(WorklistItem.patient)
-            .options(contains_eager(WorklistItem.patient))
-            .where(*_filters(query))
-            .order_by(WorklistItem.scheduled_start, WorklistItem.id)
-            .limit(query.limit))
-
-
-def _row(item: WorklistItem) -> WorklistRow:
-    p = item.patient
+def _row(values: Any) -> WorklistRow:
     return WorklistRow(
-        patient=PatientData(p.patient_id, p.issuer_of_patient_id, p.patient_name,
-                            p.birth_date, p.sex),
-        procedure=ProcedureData(
-            accession_number=item.accession_number,
-            study_instance_uid=item.study_instance_uid,
-            requested_procedure_id=item.requested_procedure_id,
-            requested_procedure_description=item.requested_procedure_description,
-            requested_procedure_code_value=item.requested_procedure_code_value,
-            requested_procedure_code_scheme=item.requested_procedure_code_scheme,
-            requested_procedure_code_meaning=item.requested_procedure_code_meaning,
-            sps_id=item.sps_id,
-            sps_description=item.sps_description,
-            modality=item.modality,
-            scheduled_station_ae_title=item.scheduled_station_ae_title,
-            scheduled_start=item.scheduled_start,
-            referring_physician_name=item.referring_physician_name,
-            requesting_physician=item.requesting_physician,
-            placer_order_number=item.placer_order_number,
-            filler_order_number=item.filler_order_number,
+        patient=PatientData(
+            patient_id=values.patient_id,
+            issuer_of_patient_id=values.issuer_of_patient_id,
+            patient_name=values.patient_name,
+            birth_date=values.birth_date,
+            sex=values.sex,
         ),
-        status=ItemStatus(item.status),
+        procedure=ProcedureData(
+            accession_number=values.accession_number,
+            study_instance_uid=values.study_instance_uid,
+            requested_procedure_id=values.requested_procedure_id,
+            requested_procedure_description=values.requested_procedure_description,
+            requested_procedure_code_value=values.requested_procedure_code_value,
+            requested_procedure_code_scheme=values.requested_procedure_code_scheme,
+            requested_procedure_code_meaning=values.requested_procedure_code_meaning,
+            sps_id=values.sps_id,
+            sps_description=values.sps_description,
+            modality=values.modality,
+            scheduled_station_ae_title=values.scheduled_station_ae_title,
+            scheduled_start=values.scheduled_start,
+            referring_physician_name=values.referring_physician_name,
+            requesting_physician=values.requesting_physician,
+            placer_order_number=values.placer_order_number,
+            filler_order_number=values.filler_order_number,
+        ),
+        status=ItemStatus(values.status),
     )
 
 
 def find_worklist(session: Session, query: WorklistQuery) -> list[WorklistRow]:
-    """The matching items, earliest first, as plain rows the caller may keep after the
-    session is closed."""
-    return [_row(item) for item in session.scalars(build_select(query))]
+    """The matching items with their patients, by scheduled start, at most ``query.limit``.
+
+    One SELECT joining the patient; raises :class:`InvalidQuery` for a malformed date, time
+    or range before touching the database.
+    """
+    if not query.statuses or query.limit < 1:
+        return []
+    dialect = session.get_bind().dialect.name
+    where = conditions(query, dialect)
+    statement = (
+        select(*_COLUMNS)
+        .join(Patient, WorklistItem.patient_fk == Patient.id)
+        .where(*where)
+        .order_by(WorklistItem.scheduled_start.asc().nulls_last(), WorklistItem.id)
+        # One row more than allowed tells a truncated answer from an exact fit.
+        .limit(query.limit + 1)
+    )
+    rows = [_row(values) for values in session.execute(statement)]
+    if len(rows) > query.limit:
+        log.warning("worklist query matched more than %d items; answering the first %d",
+                    query.limit, query.limit)
+        del rows[query.limit:]
+    return rows
