@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from broker.domain import OrderControl
+from broker.errors import ConfigError, InvalidOrder, UnsupportedMessage
+from hl7_listener.mapping import load_mapping
+from hl7_listener.message import MessageError, parse
+from tests.messages import orm
+
+REPO = Path(__file__).resolve().parents[2]
+MAPPING = load_mapping(REPO / "config" / "mapping.yaml")
+
+
+def order(**kwargs):
+    return MAPPING.to_order(parse(orm(**kwargs).encode()))
+
+
+def test_default_mapping_follows_the_ihe_table():
+    result = order(patient_name="MUSTERMANN^ERIKA^M^JR^DR", study_uid="1.2.840.99.1")
+    p, proc = result.patient, result.procedure
+    assert result.control is OrderControl.NEW and result.message_control_id == "MSG-1"
+    assert (p.patient_id, p.issuer_of_patient_id) == ("PAT-1", "HOSP")
+    # HL7 XPN family^given^middle^suffix^prefix -> DICOM family^given^middle^prefix^suffix
+    assert p.patient_name == "MUSTERMANN^ERIKA^M^DR^JR"
+    assert (p.birth_date, p.sex) == (dt.date(1965, 4, 12), "F")
+    assert proc.referring_physician_name == "HOUSE^GREGORY^^DR"  # PV1-8 XCN
+    assert proc.requesting_physician == "WILSON^JAMES"  # OBR-16 XCN
+    assert (proc.placer_order_number, proc.filler_order_number) == ("PLC-1", "FIL-1")
+    assert (proc.requested_procedure_code_value, proc.requested_procedure_code_meaning,
+            proc.requested_procedure_code_scheme) == ("CTHEAD", "CT Head", "LOCAL")
+    assert proc.requested_procedure_description == "CT Head"
+    assert (proc.accession_number, proc.requested_procedure_id, proc.sps_id) == (
+        "ACC-1", "RP-1", "SPS-1")
+    assert proc.modality == "CT"
+    assert proc.scheduled_start == dt.datetime(2026, 11, 29, 9, 30)
+    assert proc.study_instance_uid == "1.2.840.99.1"  # ZDS-1 survives hl7apy's parse
+
+
+def test_v25_takes_the_start_from_tq1():
+    result = order(version="2.5", tq1=True, start="202612011415")
+    assert result.procedure.scheduled_start == dt.datetime(2026, 12, 1, 14, 15)
+
+
+def test_without_zds_the_study_uid_is_left_to_the_core():
+    assert order().procedure.study_instance_uid is None
+
+
+def test_sloppy_terminators_escapes_and_charsets():
+    text = orm(code="CT^Head \\T\\ neck \\X41\\^L", terminator="\r\n",
+               patient_name="M\\S\\LLER^J")
+    result = MAPPING.to_order(parse(text.encode()))
+    assert result.procedure.requested_procedure_description == "Head & neck A"
+    assert result.patient.patient_name == "M^LLER^J"
+    latin = orm(patient_name="MÜLLER^JÜRGEN", charset="8859/1", terminator="\n")
+    assert MAPPING.to_order(parse(latin.encode("latin-1"))).patient.patient_name == (
+        "MÜLLER^JÜRGEN")
+    utf8 = orm(patient_name="ŁUKASZ^ŻÓŁW", charset="UNICODE UTF-8")
+    assert MAPPING.to_order(parse(utf8.encode())).patient.patient_name == "ŁUKASZ^ŻÓŁW"
+
+
+def test_wrong_declared_charset_is_refused_not_stored_as_mojibake():
+    bad = orm(patient_name="MÜLLER", charset="ASCII").encode("latin-1")
+    with pytest.raises(MessageError, match="not valid ASCII"):
+        parse(bad)
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [
+    ({"accession": ""}, "OBR-18 AccessionNumber is required"),
+    ({"patient_id": ""}, "PID-3.1 PatientID is required"),
+    ({"birth_date": "19651399"}, "PID-7 PatientBirthDate '19651399' is not a valid date"),
+    ({"start": "tomorrow"}, "OBR-27.4 ScheduledProcedureStepStartDate 'tomorrow' is not"),
+    ({"accession": "A" * 17}, "OBR-18 AccessionNumber 'AAAAAAAAAAAAAAAAA' is longer than 16"),
+    ({"study_uid": "1.2.abc"}, "ZDS-1.1 StudyInstanceUID '1.2.abc' is not a DICOM UID"),
+])
+def test_invalid_values_name_the_field(kwargs, error):
+    with pytest.raises(InvalidOrder) as info:
+        order(**kwargs)
+    assert str(info.value).startswith(error)
+
+
+def test_unknown_order_control_is_refused():
+    with pytest.raises(UnsupportedMessage, match="ORC-1 order control 'ZZ'"):
+        order(control="ZZ")
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    ("attributes:\n  PatientID: PID-3.1\n  AccessionNumber: OBR-18\n  PatientNme: PID-5\n",
+     ":4: 'PatientNme' is not a DICOM attribute"),
+    ("attributes:\n  PatientID: PID-3.x\n  AccessionNumber: OBR-18\n",
+     ":2: PatientID: 'PID-3.x' is not a field path"),
+    ("attributes:\n  PatientID: {from: PID-3.1, requird: true}\n  AccessionNumber: OBR-18\n",
+     "unknown option(s) requird"),
+    ("attributes:\n  PatientID: PID-3.1\n", "AccessionNumber must be mapped"),
+    ("attributes: [1\n", "not valid YAML"),
+])
+def test_bad_mapping_is_refused_with_file_line_and_key(tmp_path, yaml_text, message):
+    path = tmp_path / "mapping.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_mapping(path)
+    assert message in str(info.value) and str(path) in str(info.value)
