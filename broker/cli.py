@@ -85,7 +85,8 @@ def _purge(args: argparse.Namespace) -> int:
         store.dispose()
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb}: {result.worklist_items} worklist items, {result.mpps} MPPS records, "
-          f"{result.patients} patients, {result.outbox} sent status messages")
+          f"{result.patients} patients, {result.outbox} sent status messages, "
+          f"{result.inbound_messages} logged HL7 messages")
     return 0
 
 
@@ -124,6 +125,59 @@ def _outbox(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.dispose()
+
+
+def _messages(args: argparse.Namespace) -> int:
+    from broker import inbound_log
+    from broker.app import open_store
+
+    config = _config(args)
+    store = open_store(config)
+    try:
+        if args.action == "list":
+            with store.reading() as session:
+                rows = inbound_log.list_messages(session, failed_only=args.failed,
+                                                 limit=args.limit)
+                print("ID\tRECEIVED\tACK\tTYPE\tMSH-10\tSENDER\tACCESSION\tREASON")
+                for m in rows:
+                    print(f"{m.id}\t{m.received_at:%Y-%m-%d %H:%M:%S}\t{m.ack_code}\t"
+                          f"{m.message_type}\t{m.control_id}\t{m.sender}\t"
+                          f"{m.accession_number or ''}\t{m.reason or ''}")
+            return 0
+        if args.id is None:
+            raise CommandError(f"messages {args.action} takes a message ID")
+        with store.reading() as session:
+            entry = inbound_log.get(session, args.id)
+            if entry is None:
+                raise CommandError(f"no inbound message {args.id}")
+            raw, ack = entry.raw, entry.ack
+            header = (f"message {entry.id}: received {entry.received_at:%Y-%m-%d %H:%M:%S} "
+                      f"from {entry.sender}, {entry.outcome} ({entry.ack_code})"
+                      f"{': ' + entry.reason if entry.reason else ''}")
+        if args.action == "show":
+            print(header)
+            print(_printable(raw))
+            print("--- answered:")
+            print(_printable(ack))
+            return 0
+        # Replay: the stored bytes go through the current mapping, as if just received.
+        from hl7_listener.handler import OrderMessageHandler
+        from hl7_listener.mapping import load_mapping
+        from hl7_listener.status_message import parse_ack
+
+        handler = OrderMessageHandler(store, load_mapping(config.mapping),
+                                      uid_root=config.uid_root,
+                                      sending_application=config.hl7.sending_application,
+                                      sending_facility=config.hl7.sending_facility)
+        reply = handler.handle(raw)
+        print(_printable(reply))
+        return 0 if parse_ack(reply).code == "AA" else EXIT_FAILURE
+    finally:
+        store.dispose()
+
+
+def _printable(message: bytes) -> str:
+    return message.decode("utf-8", errors="replace").replace("\r", "\n").rstrip("\n")
 
 
 def _send(args: argparse.Namespace) -> int:
@@ -201,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     box.add_argument("--limit", type=int, default=100, help="list at most this many")
     box.add_argument("--all-failed", action="store_true", help="retry every failed message")
     box.set_defaults(func=_outbox)
+
+    msgs = commands.add_parser("messages", help="find, read and replay received HL7 messages")
+    msgs.add_argument("action", choices=["list", "show", "replay"])
+    msgs.add_argument("id", nargs="?", type=int, help="message ID (show, replay)")
+    msgs.add_argument("--config", default="config/broker.yaml")
+    msgs.add_argument("--failed", action="store_true", help="list only refused messages")
+    msgs.add_argument("--limit", type=int, default=100, help="list at most this many")
+    msgs.set_defaults(func=_messages)
 
     send = commands.add_parser("send", help="send an HL7 file over MLLP and print the ACK")
     send.add_argument("file", help="HL7 message file ({TODAY}-style placeholders are filled)")

@@ -92,6 +92,7 @@ class JobsConfig(_Section):
     unperformed_retention_days: int | None = Field(None, ge=1)
     mpps_retention_days: int | None = Field(None, ge=1)
     outbox_retention_days: int | None = Field(None, ge=1)
+    inbound_log_retention_days: int | None = Field(None, ge=1)
     outbound_batch_size: int = Field(100, ge=1)
 
     def retention(self) -> Retention:
@@ -104,6 +105,7 @@ class JobsConfig(_Section):
             unperformed_days=self.unperformed_retention_days or days,
             mpps_days=self.mpps_retention_days or days,
             outbox_days=self.outbox_retention_days or days,
+            inbound_log_days=self.inbound_log_retention_days or days,
         )
 
     @field_validator("purge_cron")

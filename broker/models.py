@@ -10,8 +10,10 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -139,4 +141,42 @@ class OutboxMessage(Base):
     __table_args__ = (
         Index("ix_outbox_state_id", "state", "id"),
         Index("ix_outbox_accession_id", "accession_number", "id"),
+    )
+
+
+class InboundOutcome:
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+class InboundMessage(Base):
+    """Every HL7 message received, raw, with what became of it.
+
+    An accepted message's row is written in the same transaction as the order it carried, so
+    a resend of the same MSH-10 from the same sender is recognised and answered with the
+    stored ACK, changing nothing. Rejected messages are kept for an administrator to read and
+    replay (``worklist-broker messages``).
+    """
+
+    __tablename__ = "inbound_message"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    sender: Mapped[str] = mapped_column(String(200))  # MSH-3^MSH-4
+    control_id: Mapped[str] = mapped_column(String(200))  # MSH-10
+    message_type: Mapped[str] = mapped_column(String(20))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(String(16))
+    ack_code: Mapped[str] = mapped_column(String(2))
+    reason: Mapped[str | None] = mapped_column(Text)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    ack: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (
+        # At most one accepted message per sender and MSH-10, even when two copies of a
+        # resend race on PostgreSQL: the loser fails here and is answered as a duplicate.
+        Index("ux_inbound_accepted", "sender", "control_id", unique=True,
+              sqlite_where=text("outcome = 'accepted'"),
+              postgresql_where=text("outcome = 'accepted'")),
+        Index("ix_inbound_outcome_id", "outcome", "id"),
     )

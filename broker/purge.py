@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from broker.domain import ItemStatus
 from broker.models import (
+    InboundMessage,
     MPPSItemLink,
     MPPSTracking,
     OutboxMessage,
@@ -43,6 +44,7 @@ class Retention:
     unperformed_days: int = 30
     mpps_days: int = 30
     outbox_days: int = 30
+    inbound_log_days: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,7 @@ class PurgeResult:
     mpps: int = 0
     patients: int = 0
     outbox: int = 0
+    inbound_messages: int = 0
 
 
 _FINISHED = (ItemStatus.COMPLETED, ItemStatus.DISCONTINUED)
@@ -89,10 +92,15 @@ def _sent_outbox(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
 DeleteBatch = Callable[[Session, list[int]], int]
 
 
-def _delete_by_id(model: type[MPPSTracking | Patient | OutboxMessage]) -> DeleteBatch:
+def _delete_by_id(model: type[MPPSTracking | Patient | OutboxMessage | InboundMessage],
+                  ) -> DeleteBatch:
     def delete_rows(session: Session, ids: list[int]) -> int:
         return session.execute(delete(model).where(model.id.in_(ids))).rowcount
     return delete_rows
+
+
+def _old_inbound(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
+    return InboundMessage.received_at < now - dt.timedelta(days=retention.inbound_log_days)
 
 
 def _batched_delete(store: Store, ids: Select[tuple[int]], delete_batch: DeleteBatch) -> int:
@@ -113,11 +121,12 @@ def purge(store: Store, *, retention: Retention | None = None, retention_days: i
     """Apply the retention rules once; with ``dry_run`` only count what would be deleted."""
     if retention is None:
         days = retention_days or 30
-        retention = Retention(days, days, days, days, days)
+        retention = Retention(days, days, days, days, days, days)
     now = now or utcnow()
     items = _expired_items(retention, now)
     if dry_run:
-        return _count(store, items, _unlinked_mpps(retention, now), _sent_outbox(retention, now))
+        return _count(store, items, _unlinked_mpps(retention, now), _sent_outbox(retention, now),
+                      _old_inbound(retention, now))
 
     mpps_of_items = 0
 
@@ -137,14 +146,16 @@ def purge(store: Store, *, retention: Retention | None = None, retention_days: i
                                _delete_by_id(Patient))
     sent = _batched_delete(store, select(OutboxMessage.id).where(_sent_outbox(retention, now)),
                            _delete_by_id(OutboxMessage))
-    result = PurgeResult(item_count, mpps, patients, sent)
-    log.info("purge done items=%d mpps=%d patients=%d outbox=%d", item_count, mpps, patients,
-             sent)
+    inbound = _batched_delete(store, select(InboundMessage.id).where(
+        _old_inbound(retention, now)), _delete_by_id(InboundMessage))
+    result = PurgeResult(item_count, mpps, patients, sent, inbound)
+    log.info("purge done items=%d mpps=%d patients=%d outbox=%d inbound=%d", item_count, mpps,
+             patients, sent, inbound)
     return result
 
 
 def _count(store: Store, items: ColumnElement[bool], unlinked_mpps: ColumnElement[bool],
-           sent: ColumnElement[bool]) -> PurgeResult:
+           sent: ColumnElement[bool], inbound: ColumnElement[bool]) -> PurgeResult:
     expired_ids = select(WorklistItem.id).where(items)
     with store.reading() as session:
         item_count = session.scalar(select(func.count(WorklistItem.id)).where(items)) or 0
@@ -153,4 +164,5 @@ def _count(store: Store, items: ColumnElement[bool], unlinked_mpps: ColumnElemen
         patients = session.scalar(select(func.count(Patient.id)).where(
             ~Patient.items.any(~WorklistItem.id.in_(expired_ids)))) or 0
         outbox = session.scalar(select(func.count(OutboxMessage.id)).where(sent)) or 0
-    return PurgeResult(item_count, mpps, patients, outbox)
+        old = session.scalar(select(func.count(InboundMessage.id)).where(inbound)) or 0
+    return PurgeResult(item_count, mpps, patients, outbox, old)

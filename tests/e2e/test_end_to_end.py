@@ -104,7 +104,8 @@ def test_cancel_removes_the_item_and_bad_message_gets_a_reason(broker: BrokerPro
     with MllpClient("127.0.0.1", broker.hl7_port) as client:
         assert field_of(client.send(ORDER.format(date="20261130").encode()).decode(),
                         "MSA", 1) == "AA"
-        nak = client.send(ORDER.replace("ACC-E2E-1", "").format(date="20261130").encode())
+        nak = client.send(ORDER.replace("ACC-E2E-1", "").replace("MSG-E2E-1", "MSG-E2E-BAD")
+                          .format(date="20261130").encode())
         cancel = ORDER.replace("ORC|NW", "ORC|CA").replace("MSG-E2E-1", "MSG-E2E-2")
         cancel_ack = client.send(cancel.format(date="20261130").encode())
     assert field_of(nak.decode(), "MSA", 1) == "AE"
