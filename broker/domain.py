@@ -13,6 +13,7 @@ class ItemStatus(enum.StrEnum):
     COMPLETED = "COMPLETED"
     DISCONTINUED = "DISCONTINUED"
     CANCELLED = "CANCELLED"
+    HELD = "HELD"  # put on hold by the RIS (ORC-1 HD) until released (RL)
 
 
 # What a modality sees by default: work still to do or under way.
@@ -20,9 +21,15 @@ VISIBLE_STATUSES: tuple[ItemStatus, ...] = (ItemStatus.SCHEDULED, ItemStatus.IN_
 
 
 class OrderControl(enum.StrEnum):
+    """HL7 table 0119 order control codes the broker acts on (OC arrives as CANCEL)."""
+
     NEW = "NW"
     CHANGE = "XO"
     CANCEL = "CA"
+    DISCONTINUE = "DC"
+    STATUS = "SC"
+    HOLD = "HD"
+    RELEASE = "RL"
 
 
 class MppsStatus(enum.StrEnum):
@@ -70,6 +77,7 @@ class Order:
     patient: PatientData
     procedure: ProcedureData
     message_control_id: str = ""
+    order_status: str | None = None  # ORC-5 (table 0038), read for SC
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +85,17 @@ class OrderResult:
     accession_number: str
     status: ItemStatus
     created: bool
+    study_instance_uid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PatientMerge:
+    """ADT A40 / A34 / A36 (merge) and A47 (change of identifier): ``old_patient_id`` (MRG-1)
+    is folded into ``patient`` (PID-3)."""
+
+    patient: PatientData
+    old_patient_id: str
+    change_identifier_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -70,23 +71,65 @@ def _find_item(session: Session, accession: str) -> WorklistItem | None:
         select(WorklistItem).where(WorklistItem.accession_number == accession)).one_or_none()
 
 
+# ORC-5 order status (HL7 table 0038) of an SC message -> the item's status.
+_ORDER_STATUS = {
+    "SC": ItemStatus.SCHEDULED,
+    "IP": ItemStatus.IN_PROGRESS,
+    "CM": ItemStatus.COMPLETED,
+    "CA": ItemStatus.CANCELLED,
+    "DC": ItemStatus.DISCONTINUED,
+    "HD": ItemStatus.HELD,
+}
+
+
+def _status_change(item: WorklistItem, order: Order) -> ItemStatus:
+    """The new status for CA, DC, SC, HD and RL, which change nothing but the status."""
+    current = ItemStatus(item.status)
+    if order.control is OrderControl.CANCEL:
+        return ItemStatus.CANCELLED
+    if order.control is OrderControl.DISCONTINUE:
+        return ItemStatus.DISCONTINUED
+    if order.control is OrderControl.HOLD:
+        if current not in (ItemStatus.SCHEDULED, ItemStatus.HELD):
+            raise InvalidOrder(f"order {item.accession_number} is {current}, it cannot be put "
+                               "on hold", location="ORC-1", code="207")
+        return ItemStatus.HELD
+    if order.control is OrderControl.RELEASE:
+        return ItemStatus.SCHEDULED if current is ItemStatus.HELD else current
+    status = _ORDER_STATUS.get((order.order_status or "").upper())
+    if status is None:
+        raise InvalidOrder(f"ORC-5 order status {order.order_status!r} is not one of "
+                           f"{', '.join(_ORDER_STATUS)}", location="ORC-5",
+                           code="101" if not order.order_status else "103")
+    return status
+
+
+_STATUS_ONLY = (OrderControl.CANCEL, OrderControl.DISCONTINUE, OrderControl.STATUS,
+                OrderControl.HOLD, OrderControl.RELEASE)
+
+
 def apply_order(session: Session, order: Order, *, uid_root: str) -> OrderResult:
     """Apply one order inside the caller's transaction.
 
     NW creates the item (or updates it when the RIS sends the same order again), XO changes it
-    keeping its Study Instance UID, CA cancels it so that modalities no longer see it.
+    keeping its Study Instance UID; CA cancels, DC discontinues, HD holds and RL releases it,
+    and SC sets the status the RIS gives in ORC-5. Only SCHEDULED and IN PROGRESS items are
+    on the worklist.
     """
     _check_keys(order)
     accession = order.procedure.accession_number
     item = _find_item(session, accession)
 
-    if order.control is OrderControl.CANCEL:
+    if order.control in _STATUS_ONLY:
         if item is None:
             raise UnknownOrder(accession)
-        item.status = ItemStatus.CANCELLED
+        status = _status_change(item, order)
+        item.status = status
         item.last_message_control_id = order.message_control_id
-        log.info("order cancelled accession=%s msh10=%s", accession, order.message_control_id)
-        return OrderResult(accession, ItemStatus.CANCELLED, created=False)
+        log.info("order %s accession=%s status=%s msh10=%s", order.control, accession, status,
+                 order.message_control_id)
+        return OrderResult(accession, status, created=False,
+                           study_instance_uid=item.study_instance_uid)
 
     if order.control is OrderControl.CHANGE and item is None:
         raise UnknownOrder(accession)
@@ -111,4 +154,26 @@ def apply_order(session: Session, order: Order, *, uid_root: str) -> OrderResult
     session.flush()
     log.info("order %s accession=%s msh10=%s", "created" if created else "updated",
              accession, order.message_control_id)
-    return OrderResult(accession, ItemStatus(item.status), created=created)
+    return OrderResult(accession, ItemStatus(item.status), created=created,
+                       study_instance_uid=item.study_instance_uid)
+
+
+def apply_orders(session: Session, orders: list[Order], *, uid_root: str) -> list[OrderResult]:
+    """Apply every item of one message in the caller's transaction (all or nothing).
+
+    Items of one requested procedure (same placer order number and requested procedure ID)
+    that arrive without a Study Instance UID share the one generated for the first of them.
+    """
+    shared: dict[tuple[str | None, str], str] = {}
+    results = []
+    for order in orders:
+        key = (order.procedure.placer_order_number, order.procedure.requested_procedure_id or "")
+        if (order.procedure.study_instance_uid is None and key[1] and key in shared
+                and order.control is OrderControl.NEW):
+            order = replace(order, procedure=replace(order.procedure,
+                                                     study_instance_uid=shared[key]))
+        result = apply_order(session, order, uid_root=uid_root)
+        if key[1]:
+            shared.setdefault(key, result.study_instance_uid)
+        results.append(result)
+    return results

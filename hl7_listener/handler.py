@@ -10,14 +10,17 @@ from __future__ import annotations
 import logging
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from broker import inbound_log
+from broker.domain import PatientMerge
 from broker.errors import InvalidOrder, UnsupportedMessage
 from broker.models import InboundOutcome
-from broker.orders import apply_order
+from broker.orders import apply_orders
+from broker.patients import merge_patient, update_patient
 from broker.store import Store
 from hl7_listener.ack import ErrorDetail, build_ack
-from hl7_listener.mapping import Mapping
+from hl7_listener.mapping import MERGE_PATIENT_ID_PATH, Mapping
 from hl7_listener.message import (
     UNSUPPORTED_MESSAGE_TYPE,
     MessageError,
@@ -29,7 +32,12 @@ log = logging.getLogger(__name__)
 
 APPLICATION_INTERNAL_ERROR = "207"
 UNSUPPORTED_EVENT = "201"
-_ACCEPTED = {("ORM", "O01")}
+_ORDERS = {("ORM", "O01"), ("OMI", "O23")}
+_PATIENT_UPDATES = {"A08", "A31"}
+# A40 merge patient, A34 merge patient ID only, A36 merge patient and account: all fold the
+# MRG-1 patient into the PID-3 patient. A47 changes the patient identifier.
+_PATIENT_MERGES = {"A40", "A34", "A36"}
+_IDENTIFIER_CHANGES = {"A47"}
 
 
 class OrderMessageHandler:
@@ -97,13 +105,11 @@ class OrderMessageHandler:
                     self._log(msg, "AA", "resend of a message already accepted; answered with "
                               "the original ACK, nothing changed")
                     return previous
-                self._check_type(msg)
-                order = self.mapping.to_order(msg)
-                result = apply_order(session, order, uid_root=self.uid_root)
+                detail, accession = self._dispatch(session, msg)
                 ack = self._ack(msg, "AA")
                 inbound_log.record(session, sender=sender, control_id=msg.control_id,
                                    message_type=f"{msg.message_type}^{msg.trigger_event}",
-                                   accession_number=result.accession_number,
+                                   accession_number=accession,
                                    outcome=InboundOutcome.ACCEPTED, ack_code="AA", reason=None,
                                    raw=raw, ack=ack)
         except IntegrityError:
@@ -113,20 +119,43 @@ class OrderMessageHandler:
             if previous is None:
                 raise
             return previous
-        # Only now, after the commit, may the RIS be told the order is safe.
-        self._log(msg, "AA", f"{order.control} accession={result.accession_number} "
-                  f"status={result.status}")
+        # Only now, after the commit, may the RIS be told the message is safe.
+        self._log(msg, "AA", detail)
         return ack
 
-    @staticmethod
-    def _check_type(msg: ParsedMessage) -> None:
+    def _dispatch(self, session: Session, msg: ParsedMessage) -> tuple[str, str | None]:
+        """Apply the message in the caller's transaction; returns (log detail, accession)."""
         kind = (msg.message_type, msg.trigger_event)
-        if kind not in _ACCEPTED:
-            known_type = any(kind[0] == t for t, _ in _ACCEPTED)
-            raise UnsupportedMessage(
-                f"message type {msg.message_type}^{msg.trigger_event} is not supported "
-                "(ORM^O01)", location="MSH-9",
-                code=UNSUPPORTED_EVENT if known_type else UNSUPPORTED_MESSAGE_TYPE)
+        if kind in _ORDERS:
+            results = apply_orders(session, self.mapping.to_orders(msg),
+                                   uid_root=self.uid_root)
+            detail = ", ".join(f"accession={r.accession_number} status={r.status}"
+                               for r in results)
+            return detail, results[0].accession_number if results else None
+        if msg.message_type == "ADT":
+            return self._adt(session, msg), None
+        known_type = any(msg.message_type == t for t, _ in _ORDERS)
+        raise UnsupportedMessage(
+            f"message type {msg.message_type}^{msg.trigger_event} is not supported "
+            "(ORM^O01, OMI^O23, ADT)", location="MSH-9",
+            code=UNSUPPORTED_EVENT if known_type else UNSUPPORTED_MESSAGE_TYPE)
+
+    def _adt(self, session: Session, msg: ParsedMessage) -> str:
+        event = msg.trigger_event
+        if event in _PATIENT_UPDATES:
+            result = update_patient(session, self.mapping.to_patient(msg))
+            return f"ADT^{event} patient {'updated' if result.found else 'unknown, ignored'}"
+        if event in _PATIENT_MERGES or event in _IDENTIFIER_CHANGES:
+            old_id = msg.get(MERGE_PATIENT_ID_PATH)
+            if not old_id:
+                raise InvalidOrder("MRG-1 prior patient identifier is required",
+                                   location="MRG-1", code="101")
+            result = merge_patient(session, PatientMerge(
+                self.mapping.to_patient(msg), old_id,
+                change_identifier_only=event in _IDENTIFIER_CHANGES))
+            return f"ADT^{event} merged, {result.items_moved} worklist items moved"
+        # Admissions, transfers, discharges...: nothing on the worklist depends on them.
+        return f"ADT^{event} acknowledged and ignored (no worklist effect)"
 
     def _refuse(self, msg: ParsedMessage, raw: bytes, code: str, reason: str,
                 error: ErrorDetail) -> bytes:

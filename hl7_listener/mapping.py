@@ -78,8 +78,19 @@ _TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,4})?(
 _NAME_ORDER = {"XPN": (0, 1, 2, 4, 3), "XCN": (1, 2, 3, 5, 4)}
 # HL7 table 0001 -> DICOM PatientSex (M, F, O; empty when unknown).
 _SEX = {"M": "M", "F": "F", "O": "O", "A": "O", "U": "", "N": ""}
-_CONTROLS = {"NW": OrderControl.NEW, "XO": OrderControl.CHANGE, "CA": OrderControl.CANCEL}
+_CONTROLS = {
+    "NW": OrderControl.NEW,
+    "XO": OrderControl.CHANGE,
+    "CA": OrderControl.CANCEL,
+    "OC": OrderControl.CANCEL,  # order cancelled by the filler: the same for the worklist
+    "DC": OrderControl.DISCONTINUE,
+    "SC": OrderControl.STATUS,
+    "HD": OrderControl.HOLD,
+    "RL": OrderControl.RELEASE,
+}
 _ORDER_CONTROL_PATH = FieldPath("ORC", 1)
+_ORDER_STATUS_PATH = FieldPath("ORC", 5)
+MERGE_PATIENT_ID_PATH = FieldPath("MRG", 1, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,30 +139,64 @@ def _read_rule(keyword: str, spec: Any, where: str) -> Rule:
 class Mapping:
     rules: tuple[Rule, ...]
     source: Path | None = None
+    # Per message type (e.g. "OMI^O23"): rules that replace the default ones by keyword.
+    overrides: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
     _locations: dict[str, str] = field(default_factory=dict)
+    _by_type: dict[str, tuple[Rule, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for rule in self.rules:
             if rule.sources:
                 for name in (rule.keyword, rule.keyword.rsplit(".", 1)[-1], rule.target.name):
                     self._locations.setdefault(name, str(rule.sources[0]))
+        for message_type, replaced in self.overrides.items():
+            by_keyword = {rule.keyword: rule for rule in self.rules}
+            by_keyword.update({rule.keyword: rule for rule in replaced})
+            self._by_type[message_type] = tuple(by_keyword.values())
 
     def location_of(self, attribute: str) -> str | None:
         """The HL7 field an attribute (keyword or core field name) is read from."""
         return self._locations.get(attribute)
+
+    def _rules_for(self, message: ParsedMessage) -> tuple[Rule, ...]:
+        return self._by_type.get(f"{message.message_type}^{message.trigger_event}", self.rules)
+
+    def to_orders(self, message: ParsedMessage) -> list[Order]:
+        """One Order per worklist item: per ORC group, or per IPC in an OMI^O23."""
+        return [self.to_order(view) for view in message.item_views()]
+
+    def to_patient(self, message: ParsedMessage) -> PatientData:
+        """The patient demographics of an ADT message (the mapping's patient attributes)."""
+        values = self._values(message, [r for r in self._rules_for(message)
+                                         if r.target.part == "patient"])
+        values["patient"].setdefault("patient_id", "")
+        return PatientData(**values["patient"])
 
     def to_order(self, message: ParsedMessage) -> Order:
         control_text = message.raw(_ORDER_CONTROL_PATH)
         control = _CONTROLS.get(control_text)
         if control is None:
             raise UnsupportedMessage(
-                f"ORC-1 order control {control_text!r} is not supported (NW, XO or CA)"
-                if control_text else "ORC-1 order control is required",
+                f"ORC-1 order control {control_text!r} is not supported "
+                f"({', '.join(_CONTROLS)})" if control_text else
+                "ORC-1 order control is required",
                 location="ORC-1", code=TABLE_VALUE_NOT_FOUND if control_text else "101")
+        rules = self._rules_for(message)
+        if control is not OrderControl.NEW and control is not OrderControl.CHANGE:
+            # A status change needs only the keys; a cancel with a stale date is no error.
+            rules = tuple(r for r in rules if r.keyword in ("PatientID", "AccessionNumber"))
+        values = self._values(message, rules)
+        values["patient"].setdefault("patient_id", "")
+        values["procedure"].setdefault("accession_number", "")
+        return Order(control, PatientData(**values["patient"]),
+                     ProcedureData(**values["procedure"]), message_control_id=message.control_id,
+                     order_status=message.get(_ORDER_STATUS_PATH))
+
+    def _values(self, message: ParsedMessage, rules: Any) -> dict[str, dict[str, Any]]:
         values: dict[str, dict[str, Any]] = {"patient": {}, "procedure": {}}
         start_date: dt.date | None = None
         start_time: dt.time | None = None
-        for rule in self.rules:
+        for rule in rules:
             text, location = _first_value(message, rule)
             if text is None:
                 if rule.required:
@@ -170,10 +215,7 @@ class Mapping:
         if start_date is not None:
             values["procedure"]["scheduled_start"] = dt.datetime.combine(
                 start_date, start_time or dt.time())
-        values["patient"].setdefault("patient_id", "")
-        values["procedure"].setdefault("accession_number", "")
-        return Order(control, PatientData(**values["patient"]),
-                     ProcedureData(**values["procedure"]), message_control_id=message.control_id)
+        return values
 
 
 def _first_value(message: ParsedMessage, rule: Rule) -> tuple[str | None, str]:
@@ -248,26 +290,37 @@ def load_mapping(path: Path) -> Mapping:
         raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(data, dict) or not isinstance(data.get("attributes"), dict):
         raise ConfigError(f"{path}: expected a top-level 'attributes:' mapping")
-    unknown = set(data) - {"attributes"}
+    unknown = set(data) - {"attributes", "message_types"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}")
-    lines = _key_lines(node)
-    rules = []
-    for keyword, spec in data["attributes"].items():
-        where = f"{path}:{lines.get(str(keyword), '?')}"
-        rules.append(_read_rule(str(keyword), spec, where))
+    rules = _read_rules(path, data["attributes"], _key_lines(node, ("attributes",)))
     keywords = {rule.keyword for rule in rules}
     for needed in ("PatientID", "AccessionNumber"):
         if needed not in keywords:
             raise ConfigError(f"{path}: attributes: {needed} must be mapped")
-    return Mapping(tuple(rules), source=Path(path))
+    overrides: dict[str, tuple[Rule, ...]] = {}
+    for message_type, specs in (data.get("message_types") or {}).items():
+        if not re.fullmatch(r"[A-Z0-9]{3}\^[A-Z0-9]{3}", str(message_type)):
+            raise ConfigError(f"{path}: message_types: {message_type!r} is not a message type "
+                              "like OMI^O23")
+        if not isinstance(specs, dict):
+            raise ConfigError(f"{path}: message_types: {message_type}: expected attributes")
+        lines = _key_lines(node, ("message_types", str(message_type)))
+        overrides[str(message_type)] = tuple(_read_rules(path, specs, lines))
+    return Mapping(tuple(rules), source=Path(path), overrides=overrides)
 
 
-def _key_lines(node: yaml.Node | None) -> dict[str, int]:
-    """Line numbers of the keys under 'attributes', for error messages."""
+def _read_rules(path: Path, specs: dict[Any, Any], lines: dict[str, int]) -> list[Rule]:
+    return [_read_rule(str(keyword), spec, f"{path}:{lines.get(str(keyword), '?')}")
+            for keyword, spec in specs.items()]
+
+
+def _key_lines(node: yaml.Node | None, path: tuple[str, ...]) -> dict[str, int]:
+    """Line numbers of the keys under ``path`` (e.g. ('attributes',)), for error messages."""
+    for name in path:
+        if not isinstance(node, yaml.MappingNode):
+            return {}
+        node = next((value for key, value in node.value if key.value == name), None)
     if not isinstance(node, yaml.MappingNode):
         return {}
-    for key, value in node.value:
-        if key.value == "attributes" and isinstance(value, yaml.MappingNode):
-            return {k.value: k.start_mark.line + 1 for k, _ in value.value}
-    return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in node.value}

@@ -183,13 +183,43 @@ class ParsedMessage:
     delimiters: Delimiters
     codec: str
     segments: list[tuple[str, list[list[str]]]] = field(default_factory=list)
+    # For a view of one order item: the segment indexes searched, nearest first.
+    scope: tuple[int, ...] | None = None
 
     def segment_fields(self, name: str) -> list[list[str]] | None:
-        """The first segment called ``name``: per field number, its repetitions' ER7 text."""
+        """The first segment called ``name`` (in scope): per field number, its repetitions'
+        ER7 text."""
+        if self.scope is not None:
+            for index in self.scope:
+                if self.segments[index][0] == name:
+                    return self.segments[index][1]
+            return None
         for seg_name, fields in self.segments:
             if seg_name == name:
                 return fields
         return None
+
+    def item_views(self) -> list[ParsedMessage]:
+        """One view per worklist item the message carries.
+
+        Each ORC starts an order group (ORC, TQ1, OBR, ZDS, ...); in an OMI^O23 every IPC of a
+        group is an item of its own. A path read through a view finds the item's IPC first,
+        then its group's segments, then the segments before the first ORC (MSH, PID, PV1).
+        """
+        names = self.segment_names()
+        starts = [i for i, name in enumerate(names) if name == "ORC"]
+        if not starts:
+            return [self]
+        header = tuple(range(starts[0]))
+        views: list[ParsedMessage] = []
+        for n, start in enumerate(starts):
+            end = starts[n + 1] if n + 1 < len(starts) else len(names)
+            group = [i for i in range(start, end) if names[i] != "IPC"]
+            ipcs = [i for i in range(start, end) if names[i] == "IPC"]
+            for ipc in ipcs or [None]:
+                scope = ((ipc,) if ipc is not None else ()) + tuple(group) + header
+                views.append(ParsedMessage(self.delimiters, self.codec, self.segments, scope))
+        return views
 
     def segment_names(self) -> list[str]:
         return [name for name, _ in self.segments]

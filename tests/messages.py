@@ -38,3 +38,35 @@ def orm(*, control: str = "NW", control_id: str = "MSG-1", version: str = "2.3.1
     if study_uid:
         segments.append(segment("ZDS", {1: f"{study_uid}^RIS^Application^DICOM"}))
     return terminator.join(segments) + terminator
+
+
+def omi(*, control_id: str = "OMI-1", ipcs: list[dict[int, str]], control: str = "NW",
+        placer: str = "PLC-9", start: str = "20261129100000") -> str:
+    """OMI^O23 (IHE, v2.5.1): one ORC/TQ1/OBR group with one IPC per scheduled step."""
+    segments = [
+        segment("MSH", {2: "^~\\&", 3: "RIS", 4: "HOSP", 5: "WLB", 6: "HOSP",
+                        7: "20261129080000", 9: "OMI^O23^OMI_O23", 10: control_id, 11: "P",
+                        12: "2.5.1"}),
+        segment("PID", {1: "1", 3: "PAT-9^^^HOSP", 5: "ROSSI^MARIA", 7: "19920305", 8: "F"}),
+        segment("ORC", {1: control, 2: placer, 3: "FIL-9", 5: "SC"}),
+        segment("TQ1", {1: "1", 7: start}),
+        segment("OBR", {1: "1", 2: placer, 3: "FIL-9", 4: "MRBRAIN^MR Brain^LOCAL"}),
+    ]
+    segments += [segment("IPC", ipc) for ipc in ipcs]
+    return "\r".join(segments) + "\r"
+
+
+def adt(event: str, *, patient_id: str = "PAT-1", patient_name: str = "MUSTERMANN^ERIKA",
+        old_patient_id: str | None = None, control_id: str = "ADT-1") -> str:
+    segments = [
+        segment("MSH", {2: "^~\\&", 3: "RIS", 4: "HOSP", 5: "WLB", 6: "HOSP",
+                        7: "20261129080000", 9: f"ADT^{event}", 10: control_id, 11: "P",
+                        12: "2.4"}),
+        segment("EVN", {1: event, 2: "20261129080000"}),
+        segment("PID", {1: "1", 3: f"{patient_id}^^^HOSP", 5: patient_name, 7: "19650412",
+                        8: "F"}),
+    ]
+    if old_patient_id:
+        segments.append(segment("MRG", {1: f"{old_patient_id}^^^HOSP"}))
+    segments.append(segment("PV1", {2: "O"}))
+    return "\r".join(segments) + "\r"

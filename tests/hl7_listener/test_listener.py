@@ -78,7 +78,7 @@ def test_missing_field_gets_ae_with_err_naming_it_and_nothing_is_stored(listener
 @pytest.mark.parametrize(("payload", "code", "reason"), [
     (b"this is not HL7 at all", "AR", "no MSH segment"),
     (b"PID|||123\rOBR|1\r", "AR", "no MSH segment"),
-    (orm(message_type="ADT^A99").encode(), "AR", "message type ADT^A99 is not supported"),
+    (orm(message_type="ORU^R01").encode(), "AR", "message type ORU^R01 is not supported"),
     (orm(message_type="ORM^O02").encode(), "AR", "ORM^O02 is not supported"),
     (orm(version="2.9").encode(), "AR", "version not supported"),
     (orm(birth_date="1965-04-12").encode(), "AE", "PID-7 PatientBirthDate"),
