@@ -1,0 +1,282 @@
+"""Modality Worklist C-FIND: the request identifier into a :class:`WorklistQuery`, and each
+matching :class:`WorklistRow` back into a response identifier holding only the keys asked for.
+
+The broker supports the keys of the Modality Worklist Information Model (PS3.4 K.6.1.2.2) it
+stores; every other key, private ones included, is matched universally, so a query naming an
+attribute the broker does not know still gets its answers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
+
+from broker.domain import ItemStatus, WorklistRow
+from broker.matching import WorklistQuery
+
+# Values are stored as Unicode, so every response declares UTF-8 (PS3.5 6.1.2.5.3).
+RESPONSE_CHARACTER_SET = "ISO_IR 192"
+
+
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:  # pragma: no cover - a typo in this module
+        raise KeyError(keyword)
+    return tag
+
+
+SPECIFIC_CHARACTER_SET = _tag("SpecificCharacterSet")
+SPS_SEQUENCE = _tag("ScheduledProcedureStepSequence")
+CODE_SEQUENCE = _tag("RequestedProcedureCodeSequence")
+PATIENT_NAME = _tag("PatientName")
+PATIENT_ID = _tag("PatientID")
+ISSUER_OF_PATIENT_ID = _tag("IssuerOfPatientID")
+PATIENT_BIRTH_DATE = _tag("PatientBirthDate")
+PATIENT_SEX = _tag("PatientSex")
+ACCESSION_NUMBER = _tag("AccessionNumber")
+REFERRING_PHYSICIAN = _tag("ReferringPhysicianName")
+REQUESTING_PHYSICIAN = _tag("RequestingPhysician")
+STUDY_INSTANCE_UID = _tag("StudyInstanceUID")
+REQUESTED_PROCEDURE_ID = _tag("RequestedProcedureID")
+REQUESTED_PROCEDURE_DESCRIPTION = _tag("RequestedProcedureDescription")
+PLACER_ORDER = _tag("PlacerOrderNumberImagingServiceRequest")
+FILLER_ORDER = _tag("FillerOrderNumberImagingServiceRequest")
+CODE_VALUE = _tag("CodeValue")
+CODING_SCHEME = _tag("CodingSchemeDesignator")
+CODE_MEANING = _tag("CodeMeaning")
+MODALITY = _tag("Modality")
+STATION_AE_TITLE = _tag("ScheduledStationAETitle")
+SPS_START_DATE = _tag("ScheduledProcedureStepStartDate")
+SPS_START_TIME = _tag("ScheduledProcedureStepStartTime")
+SPS_ID = _tag("ScheduledProcedureStepID")
+SPS_DESCRIPTION = _tag("ScheduledProcedureStepDescription")
+SPS_STATUS = _tag("ScheduledProcedureStepStatus")
+PERFORMING_PHYSICIAN = _tag("ScheduledPerformingPhysicianName")
+
+# Scheduled Procedure Step Status (0040,0020) defined terms (PS3.3 C.4.10). The broker's
+# IN PROGRESS is the modality's STARTED; DICOM spells CANCELED with one L.
+SPS_STATUS_TERMS: dict[ItemStatus, str] = {
+    ItemStatus.SCHEDULED: "SCHEDULED",
+    ItemStatus.IN_PROGRESS: "STARTED",
+    ItemStatus.COMPLETED: "COMPLETED",
+    ItemStatus.DISCONTINUED: "DISCONTINUED",
+    ItemStatus.CANCELLED: "CANCELED",
+}
+
+# Top-level keys and keys of the first Scheduled Procedure Step item that become filters.
+_TOP_KEYS: dict[int, str] = {
+    ACCESSION_NUMBER: "accession_number",
+    PATIENT_ID: "patient_id",
+    ISSUER_OF_PATIENT_ID: "issuer_of_patient_id",
+    PATIENT_NAME: "patient_name",
+    REFERRING_PHYSICIAN: "referring_physician_name",
+    REQUESTED_PROCEDURE_ID: "requested_procedure_id",
+    STUDY_INSTANCE_UID: "study_instance_uid",
+}
+_SPS_KEYS: dict[int, str] = {
+    MODALITY: "modality",
+    STATION_AE_TITLE: "scheduled_station_ae_title",
+    SPS_START_DATE: "scheduled_start_date",
+    SPS_START_TIME: "scheduled_start_time",
+    SPS_ID: "sps_id",
+}
+
+
+# --- request -> query -------------------------------------------------------------------
+
+def _text(value: Any) -> str | None:
+    """A key's value as the matching code reads it: ``None`` for universal matching."""
+    if value is None:
+        return None
+    if isinstance(value, MultiValue | list | tuple):
+        text = "\\".join(str(part).strip() for part in value)
+    elif isinstance(value, bytes):
+        text = value.decode("ascii", errors="replace")
+    elif isinstance(value, PersonName):
+        text = str(value)
+    else:
+        text = str(value)
+    text = text.strip()
+    return text or None
+
+
+def _key(dataset: Dataset, tag: int) -> str | None:
+    if tag not in dataset:
+        return None
+    return _text(dataset[tag].value)
+
+
+def _wildcard_regex(value: str) -> re.Pattern[str]:
+    return re.compile("".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch)
+                              for ch in value))
+
+
+def _statuses(value: str) -> tuple[ItemStatus, ...]:
+    """The item statuses a Scheduled Procedure Step Status key selects (single, wild card,
+    or a ``\\`` list); a term the broker never uses (ARRIVED, READY...) selects nothing."""
+    patterns = [_wildcard_regex(part.strip().upper()) for part in value.split("\\")
+                if part.strip()]
+    return tuple(status for status, term in SPS_STATUS_TERMS.items()
+                 if any(p.fullmatch(term) for p in patterns))
+
+
+def query_from_identifier(identifier: Dataset, *, max_matches: int) -> WorklistQuery:
+    """The worklist query a C-FIND identifier asks.
+
+    Reads the top-level keys and those of the first item of the Scheduled Procedure Step
+    Sequence (PS3.4 C.2.2.2.6: a sequence key has a single item). pydicom decodes the values
+    with the identifier's Specific Character Set. Keys the broker does not match on are
+    universal; a malformed date or time is reported when the query runs
+    (:class:`broker.matching.InvalidQuery`).
+    """
+    fields: dict[str, Any] = {name: _key(identifier, tag) for tag, name in _TOP_KEYS.items()}
+    if SPS_SEQUENCE in identifier:
+        items = identifier[SPS_SEQUENCE].value
+        if items:
+            step = items[0]
+            fields.update({name: _key(step, tag) for tag, name in _SPS_KEYS.items()})
+            status = _key(step, SPS_STATUS)
+            if status is not None and status != "*":
+                fields["statuses"] = _statuses(status)
+    return WorklistQuery(limit=max_matches, **fields)
+
+
+# --- row -> response --------------------------------------------------------------------
+
+def _date(value: dt.date | None) -> str | None:
+    return value.strftime("%Y%m%d") if value is not None else None
+
+
+def _row_attributes(row: WorklistRow) -> dict[int, Any]:
+    """Everything a row can answer, keyed by tag; sequences are lists of such dicts."""
+    patient, procedure = row.patient, row.procedure
+    start = procedure.scheduled_start
+    step = {
+        MODALITY: procedure.modality,
+        STATION_AE_TITLE: procedure.scheduled_station_ae_title,
+        SPS_START_DATE: _date(start),
+        SPS_START_TIME: start.strftime("%H%M%S") if start is not None else None,
+        SPS_ID: procedure.sps_id,
+        SPS_DESCRIPTION: procedure.sps_description,
+        SPS_STATUS: SPS_STATUS_TERMS[row.status],
+        PERFORMING_PHYSICIAN: None,
+    }
+    codes = []
+    if procedure.requested_procedure_code_value:
+        codes.append({
+            CODE_VALUE: procedure.requested_procedure_code_value,
+            CODING_SCHEME: procedure.requested_procedure_code_scheme,
+            CODE_MEANING: procedure.requested_procedure_code_meaning,
+        })
+    return {
+        PATIENT_NAME: patient.patient_name,
+        PATIENT_ID: patient.patient_id,
+        ISSUER_OF_PATIENT_ID: patient.issuer_of_patient_id,
+        PATIENT_BIRTH_DATE: _date(patient.birth_date),
+        PATIENT_SEX: patient.sex,
+        ACCESSION_NUMBER: procedure.accession_number,
+        REFERRING_PHYSICIAN: procedure.referring_physician_name,
+        REQUESTING_PHYSICIAN: procedure.requesting_physician,
+        STUDY_INSTANCE_UID: procedure.study_instance_uid,
+        REQUESTED_PROCEDURE_ID: procedure.requested_procedure_id,
+        REQUESTED_PROCEDURE_DESCRIPTION: procedure.requested_procedure_description,
+        CODE_SEQUENCE: codes,
+        PLACER_ORDER: procedure.placer_order_number,
+        FILLER_ORDER: procedure.filler_order_number,
+        SPS_SEQUENCE: [step],
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """One key of the response: a plain attribute, or a sequence rendered from ``item``."""
+
+    tag: int
+    vr: str
+    item: tuple[_Key, ...] | None = None
+
+
+def _plain(tag: int, vr: str) -> _Key:
+    return _Key(tag, vr)
+
+
+# What a zero-length sequence key (or one with an empty item) returns: the whole item as
+# the broker keeps it (PS3.4 C.2.2.2.6, K.2.2.1.2 note 4).
+_FULL_ITEMS: dict[int, tuple[_Key, ...]] = {
+    SPS_SEQUENCE: (
+        _plain(MODALITY, "CS"), _plain(STATION_AE_TITLE, "AE"), _plain(SPS_START_DATE, "DA"),
+        _plain(SPS_START_TIME, "TM"), _plain(PERFORMING_PHYSICIAN, "PN"),
+        _plain(SPS_DESCRIPTION, "LO"), _plain(SPS_ID, "SH"), _plain(SPS_STATUS, "CS"),
+    ),
+    CODE_SEQUENCE: (
+        _plain(CODE_VALUE, "SH"), _plain(CODING_SCHEME, "SH"), _plain(CODE_MEANING, "LO"),
+    ),
+}
+
+
+def _plan(template: Dataset) -> tuple[_Key, ...]:
+    keys: list[_Key] = []
+    for element in template:
+        tag = element.tag
+        if tag == SPECIFIC_CHARACTER_SET or tag.element == 0:
+            continue  # set by the broker / group lengths are not keys
+        if tag.is_private:
+            # Private keys are outside the Worklist Information Model; answering them empty
+            # without their private creator would make an ill-formed dataset.
+            continue
+        vr = element.VR.split(" or ")[0]
+        if vr != "SQ":
+            keys.append(_Key(tag, vr))
+            continue
+        items = element.value
+        if items and len(items[0]) > 0:
+            keys.append(_Key(tag, vr, _plan(items[0])))
+        else:
+            keys.append(_Key(tag, vr, _FULL_ITEMS.get(tag, ())))
+    return tuple(keys)
+
+
+def _emit(keys: Sequence[_Key], values: Mapping[int, Any]) -> Dataset:
+    out = Dataset()
+    for key in keys:
+        if key.item is None:
+            out.add(DataElement(key.tag, key.vr, values.get(key.tag)))
+        else:
+            items = values.get(key.tag) or ()
+            out.add(DataElement(key.tag, "SQ", [_emit(key.item, item) for item in items]))
+    return out
+
+
+def response_renderer(identifier: Dataset) -> Callable[[WorklistRow], Dataset]:
+    """Read the identifier's keys once; the returned function renders one row per call.
+
+    The hot path of a modality poll: the identifier is walked once per query rather than
+    once per match.
+    """
+    keys = _plan(identifier)
+
+    def render(row: WorklistRow) -> Dataset:
+        response = _emit(keys, _row_attributes(row))
+        response.SpecificCharacterSet = RESPONSE_CHARACTER_SET
+        return response
+
+    return render
+
+
+def render_response(identifier: Dataset, row: WorklistRow) -> Dataset:
+    """The C-FIND response identifier for one match: only the keys asked for, nested as asked.
+
+    A sequence key with an item renders that item's keys for each of the row's items; a
+    zero-length sequence key (or one with an empty item) returns the items whole. Keys the
+    broker does not store come back empty. Specific Character Set is always ISO_IR 192.
+    """
+    return response_renderer(identifier)(row)
