@@ -68,6 +68,7 @@ class DicomServer:
         self._store = store
         self._ae = self._build_ae(config)
         self._server: ThreadedAssociationServer | None = None
+        self._bound_port: int | None = None
 
     @staticmethod
     def _build_ae(config: DicomConfig) -> AE:
@@ -103,15 +104,15 @@ class DicomServer:
         self._server = self._ae.start_server(
             (self._config.host, self._config.port), block=False,
             evt_handlers=self._handlers())  # type: ignore[arg-type]
+        self._bound_port = int(self._server.socket.getsockname()[1])  # type: ignore[union-attr]
         log.info("DICOM SCP %s listening on %s:%d", self._config.ae_title, self._config.host,
                  self.port)
 
     @property
     def port(self) -> int:
-        """The bound port (the ephemeral one when the configured port is 0)."""
-        if self._server is None:
-            return self._config.port
-        return int(self._server.socket.getsockname()[1])  # type: ignore[union-attr]
+        """The bound port (the ephemeral one when the configured port is 0); before the
+        first start, the configured one."""
+        return self._config.port if self._bound_port is None else self._bound_port
 
     def stop(self) -> None:
         """Stop listening, abort the open associations and wait for their threads."""
