@@ -181,11 +181,11 @@ def parse_date(text: str) -> dt.date:
         cleaned = cleaned.replace(".", "")
     found = _DATE.fullmatch(cleaned)
     if found is None:
-        raise InvalidQuery(f"{text!r} is not a DICOM date (YYYYMMDD)")
+        raise InvalidQuery(f"invalid date {text!r} (YYYYMMDD)")
     try:
         return dt.date(int(found[1]), int(found[2]), int(found[3]))
     except ValueError:
-        raise InvalidQuery(f"{text!r} is not a valid date") from None
+        raise InvalidQuery(f"invalid date {text!r}") from None
 
 
 def parse_time(text: str) -> tuple[dt.time, dt.timedelta]:
@@ -197,7 +197,7 @@ def parse_time(text: str) -> tuple[dt.time, dt.timedelta]:
     cleaned = text.strip().replace(":", "")
     found = _TIME.fullmatch(cleaned)
     if found is None:
-        raise InvalidQuery(f"{text!r} is not a DICOM time (HHMMSS.FFFFFF)")
+        raise InvalidQuery(f"invalid time {text!r} (HHMMSS.FFFFFF)")
     hour, minute, second, fraction = found.groups()
     if fraction is not None:
         span = dt.timedelta(microseconds=10 ** (6 - len(fraction)))
@@ -211,7 +211,7 @@ def parse_time(text: str) -> tuple[dt.time, dt.timedelta]:
         start = dt.time(int(hour), int(minute or 0), int(second or 0),
                         int((fraction or "0").ljust(6, "0")))
     except ValueError:
-        raise InvalidQuery(f"{text!r} is not a valid time") from None
+        raise InvalidQuery(f"invalid time {text!r}") from None
     return start, span
 
 
@@ -222,10 +222,10 @@ def _split_range(value: str, what: str) -> tuple[str | None, str | None]:
         return value, value
     low, _, high = value.partition("-")
     if "-" in high:
-        raise InvalidQuery(f"{what} {value!r}: a range has one '-'")
+        raise InvalidQuery(f"invalid {what} range {value!r} (one '-' at most)")
     low, high = low.strip(), high.strip()
     if not low and not high:
-        raise InvalidQuery(f"{what} {value!r}: a range needs a start or an end")
+        raise InvalidQuery(f"invalid {what} range {value!r} (no start, no end)")
     return low or None, high or None
 
 
@@ -251,17 +251,15 @@ def start_interval(date_value: str | None,
     """
     if not date_value:
         return None, None
-    low_date_text, high_date_text = _split_range(date_value, "ScheduledProcedureStepStartDate")
+    low_date_text, high_date_text = _split_range(date_value, "date")
     low_date = parse_date(low_date_text) if low_date_text else None
     high_date = parse_date(high_date_text) if high_date_text else None
     if low_date and high_date and low_date > high_date:
-        raise InvalidQuery(f"ScheduledProcedureStepStartDate {date_value!r}: the range ends "
-                           "before it starts")
+        raise InvalidQuery(f"date range {date_value!r} ends before it starts")
     low_time: tuple[dt.time, dt.timedelta] | None = None
     high_time: tuple[dt.time, dt.timedelta] | None = None
     if time_value:
-        low_time_text, high_time_text = _split_range(time_value,
-                                                     "ScheduledProcedureStepStartTime")
+        low_time_text, high_time_text = _split_range(time_value, "time")
         low_time = parse_time(low_time_text) if low_time_text else None
         high_time = parse_time(high_time_text) if high_time_text else None
     low = None
@@ -274,8 +272,8 @@ def start_interval(date_value: str | None,
         else:
             high = _at(high_date, dt.time()) + _ONE_DAY
     if low is not None and high is not None and low >= high:
-        raise InvalidQuery(f"scheduled start {date_value!r} {time_value!r}: the range ends "
-                           "before it starts")
+        raise InvalidQuery(f"date/time range {date_value!r} {time_value!r} ends before it "
+                           "starts")
     return low, high
 
 
@@ -293,7 +291,7 @@ def time_of_day_condition(column: Column, time_value: str | None,
     """A TM value or range without a date: the time of day, on any date (C.2.2.2.5)."""
     if not time_value:
         return []
-    low_text, high_text = _split_range(time_value, "ScheduledProcedureStepStartTime")
+    low_text, high_text = _split_range(time_value, "time")
     expression, bound = _time_of_day(column, dialect)
     conditions: list[Condition] = []
     if low_text:

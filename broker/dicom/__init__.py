@@ -1,2 +1,2 @@
-"""The DICOM edge: the pynetdicom SCP (C-ECHO, Modality Worklist C-FIND, MPPS), the
-translation between DICOM datasets and the core's plain objects, and an MPPS SCU."""
+"""The DICOM edge: C-FIND identifiers to worklist queries, MPPS datasets to core requests, the
+SCP that serves both, and an MPPS SCU for administrators."""

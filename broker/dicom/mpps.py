@@ -1,146 +1,220 @@
-"""MPPS N-CREATE / N-SET (PS3.4 Annex F): datasets -> the core's MppsCreate / MppsSet.
+"""Modality Performed Procedure Step N-CREATE / N-SET (PS3.4 Annex F): the received datasets
+into :class:`MppsCreate` / :class:`MppsSet`, the core's verdict into a DICOM status.
 
-Refusals come back as the status the standard names, with an Error Comment: 0x0120 missing
-attribute, 0x0106 invalid attribute value, 0x0111 duplicate SOP instance, 0x0112 no such SOP
-instance, 0x0110 processing failure (which is also what a database failure returns: the
-modality may retry, and nothing was half-written).
+Status codes (PS3.7 C.4 and the MPPS N-CREATE / N-SET tables of PS3.4 F.7.2 and PS3.2
+N.7.3.2.2): 0x0120 Missing Attribute when Performed Procedure Step Status is absent from an
+N-CREATE, 0x0121 Missing Attribute Value when it is empty, 0x0106 Invalid Attribute Value when
+the dataset cannot be decoded or a date/time cannot be read, 0x0110 Processing Failure when the
+database fails. The core's own refusals (duplicate 0x0111, unknown instance 0x0112, an update
+after COMPLETED 0x0110) arrive as :class:`MppsError`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from pydicom.dataset import Dataset
+from pydicom import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from broker.domain import MppsCreate, MppsSet, ScheduledStepRef
 from broker.errors import MppsError
-from broker.mpps import record_mpps_create, record_mpps_set
+from broker.matching import InvalidQuery, parse_date, parse_time
+from broker.mpps import (
+    DUPLICATE_SOP_INSTANCE,
+    INVALID_ATTRIBUTE_VALUE,
+    PROCESSING_FAILURE,
+    record_mpps_create,
+    record_mpps_set,
+)
 from broker.store import Store
 
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
-INVALID_ATTRIBUTE_VALUE = 0x0106
-PROCESSING_FAILURE = 0x0110
 MISSING_ATTRIBUTE = 0x0120
+MISSING_ATTRIBUTE_VALUE = 0x0121
 
-# PS3.4 F.7.2.2: an N-SET after COMPLETED / DISCONTINUED fails with this Error ID.
-_ERROR_IDS = {PROCESSING_FAILURE: 0xA710}
+# Error Comment (0000,0902) is LO: at most 64 characters (PS3.7 C.4).
+_MAX_COMMENT = 64
 
-
-def status_dataset(status: int, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = status
-    # Error Comment is LO: 64 characters at most.
-    ds.ErrorComment = comment[:64]
-    if status in _ERROR_IDS and "may no longer be updated" in comment:
-        ds.ErrorID = _ERROR_IDS[status]
-    return ds
+StatusType = int | Dataset
+Response = tuple[StatusType, Dataset | None]
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    return str(value).strip() or None if value not in (None, "") else None
+def failure(status: int, comment: str) -> Dataset:
+    """A status dataset the pynetdicom handlers return: the code and an Error Comment."""
+    result = Dataset()
+    result.Status = status
+    result.ErrorComment = comment[:_MAX_COMMENT]
+    return result
 
 
-def _datetime(ds: Dataset, date_keyword: str, time_keyword: str) -> dt.datetime | None:
-    date = _text(ds, date_keyword)
-    if not date:
+def _text(dataset: Dataset, keyword: str) -> str | None:
+    value = dataset.get(keyword)
+    if value is None:
         return None
-    time = (_text(ds, time_keyword) or "").replace(":", "")
+    text = str(value).strip()
+    return text or None
+
+
+def _datetime(dataset: Dataset, date_keyword: str, time_keyword: str) -> dt.datetime | None:
+    """A DA + TM pair as one naive datetime; a missing time means the start of the day."""
+    date_text = _text(dataset, date_keyword)
+    if date_text is None:
+        return None
+    time_text = _text(dataset, time_keyword)
     try:
-        day = dt.datetime.strptime(date[:8], "%Y%m%d")
-        digits = time.split(".")[0].ljust(6, "0")[:6]
-        return day.replace(hour=int(digits[:2]), minute=int(digits[2:4]),
-                           second=int(digits[4:6]))
-    except ValueError:
-        raise MppsError(INVALID_ATTRIBUTE_VALUE,
-                        f"{date_keyword}/{time_keyword} {date} {time} is not a date and time"
-                        ) from None
+        day = parse_date(date_text)
+        time = parse_time(time_text)[0] if time_text else dt.time()
+    except InvalidQuery as exc:
+        raise MppsError(INVALID_ATTRIBUTE_VALUE, f"{date_keyword}/{time_keyword}: "
+                                                 f"{exc.reason}") from None
+    return dt.datetime.combine(day, time)
 
 
-def _steps(ds: Dataset) -> tuple[ScheduledStepRef, ...]:
-    sequence = ds.get("ScheduledStepAttributesSequence") or []
-    return tuple(ScheduledStepRef(
-        accession_number=_text(item, "AccessionNumber"),
-        study_instance_uid=_text(item, "StudyInstanceUID"),
-        requested_procedure_id=_text(item, "RequestedProcedureID"),
-        sps_id=_text(item, "ScheduledProcedureStepID"),
-    ) for item in sequence)
+def _steps(dataset: Dataset) -> tuple[ScheduledStepRef, ...]:
+    items = dataset.get("ScheduledStepAttributesSequence") or []
+    return tuple(
+        ScheduledStepRef(
+            accession_number=_text(item, "AccessionNumber"),
+            study_instance_uid=_text(item, "StudyInstanceUID"),
+            requested_procedure_id=_text(item, "RequestedProcedureID"),
+            sps_id=_text(item, "ScheduledProcedureStepID"),
+        )
+        for item in items
+    )
 
 
-def _json(ds: Dataset) -> str | None:
+def _json(dataset: Dataset) -> str | None:
     try:
-        return ds.to_json()
-    except Exception:  # an unencodable private element must not lose the MPPS itself
-        log.warning("MPPS dataset could not be kept as JSON", exc_info=True)
+        return dataset.to_json()
+    except Exception as exc:  # kept for audits only: never a reason to refuse the step
+        log.warning("MPPS dataset not kept as JSON: %s", exc)
         return None
 
 
-def _run(store: Store, operation: Any, request: Any) -> tuple[int | Dataset, Dataset | None]:
+def _status(dataset: Dataset, *, required: bool) -> str | None:
+    if "PerformedProcedureStepStatus" not in dataset:
+        if required:
+            raise MppsError(MISSING_ATTRIBUTE, "PerformedProcedureStepStatus (0040,0252) "
+                                               "is missing")
+        return None
+    status = _text(dataset, "PerformedProcedureStepStatus")
+    if status is None:
+        raise MppsError(MISSING_ATTRIBUTE_VALUE, "PerformedProcedureStepStatus (0040,0252) "
+                                                 "is empty")
+    return status.upper()
+
+
+def create_request(dataset: Dataset, *, sop_instance_uid: str,
+                   calling_ae_title: str | None = None) -> MppsCreate:
+    """The core's N-CREATE request; raises :class:`MppsError` with the status to answer."""
+    return MppsCreate(
+        sop_instance_uid=sop_instance_uid,
+        status=_status(dataset, required=True) or "",
+        steps=_steps(dataset),
+        start=_datetime(dataset, "PerformedProcedureStepStartDate",
+                        "PerformedProcedureStepStartTime"),
+        performed_station_ae_title=_text(dataset, "PerformedStationAETitle"),
+        calling_ae_title=calling_ae_title,
+        attributes_json=_json(dataset),
+    )
+
+
+def set_request(dataset: Dataset, *, sop_instance_uid: str) -> MppsSet:
+    """The core's N-SET request; raises :class:`MppsError` with the status to answer."""
+    return MppsSet(
+        sop_instance_uid=sop_instance_uid,
+        status=_status(dataset, required=False),
+        end=_datetime(dataset, "PerformedProcedureStepEndDate",
+                      "PerformedProcedureStepEndTime"),
+        attributes_json=_json(dataset),
+    )
+
+
+def _refusal(operation: str, uid: str | None, calling_ae: str | None, status: int,
+             comment: str) -> Response:
+    log.warning("MPPS %s refused uid=%s calling_ae=%s status=0x%04X: %s", operation, uid,
+                calling_ae, status, comment)
+    return failure(status, comment), None
+
+
+def _record(store: Store, operation: str, uid: str, calling_ae: str | None,
+            action: Callable[[Session], object]) -> Response | None:
+    """Run the core operation in its own transaction: None when it committed, else the
+    failure response (the transaction rolled back)."""
     try:
         with store.writing() as session:
-            operation(session, request)
+            action(session)
     except MppsError as exc:
-        log.warning("MPPS %s refused: 0x%04X %s", request.sop_instance_uid, exc.status,
-                    exc.comment)
-        return status_dataset(exc.status, exc.comment), None
+        return _refusal(operation, uid, calling_ae, exc.status, exc.comment)
+    except IntegrityError as exc:
+        if operation == "N-CREATE":
+            # Two N-CREATEs of one instance raced past the duplicate check; the unique index
+            # decided.
+            return _refusal(operation, uid, calling_ae, DUPLICATE_SOP_INSTANCE,
+                            f"MPPS {uid} already exists")
+        log.error("MPPS %s database error uid=%s: %s", operation, uid, exc)
+        return _refusal(operation, uid, calling_ae, PROCESSING_FAILURE, "database error")
     except SQLAlchemyError as exc:
-        log.error("MPPS %s: database error: %s", request.sop_instance_uid,
-                  str(getattr(exc, "orig", exc)).splitlines()[0])
-        return status_dataset(PROCESSING_FAILURE, "database unavailable; please retry"), None
-    return SUCCESS, None
+        log.error("MPPS %s database error uid=%s: %s", operation, uid, exc)
+        return _refusal(operation, uid, calling_ae, PROCESSING_FAILURE, "database error")
+    except Exception:
+        log.exception("MPPS %s failed uid=%s", operation, uid)
+        return _refusal(operation, uid, calling_ae, PROCESSING_FAILURE, "internal error")
+    return None
 
 
-def handle_n_create(evt: Any, store: Store) -> tuple[int | Dataset, Dataset | None]:
+def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | None,
+                  calling_ae_title: str | None = None) -> Response:
+    """N-CREATE: record the step, answer Success with the attribute list, or a failure status.
+
+    ``attribute_list`` is the request's decoded dataset; pynetdicom decodes it lazily, so a
+    broken one raises only here, when read.
+    """
+    # PS3.7 10.1.5.1.4: without an Affected SOP Instance UID the SCP assigns one and returns it.
+    uid = sop_instance_uid or generate_uid()
     try:
-        ds: Dataset = evt.attribute_list
-        status = _text(ds, "PerformedProcedureStepStatus")
-        if status is None:
-            return status_dataset(MISSING_ATTRIBUTE, "PerformedProcedureStepStatus missing"), None
-        uid = evt.request.AffectedSOPInstanceUID or generate_uid()
-        request = MppsCreate(
-            sop_instance_uid=str(uid),
-            status=status,
-            steps=_steps(ds),
-            start=_datetime(ds, "PerformedProcedureStepStartDate",
-                            "PerformedProcedureStepStartTime"),
-            performed_station_ae_title=_text(ds, "PerformedStationAETitle"),
-            calling_ae_title=evt.assoc.requestor.ae_title,
-            attributes_json=_json(ds),
-        )
+        request = create_request(attribute_list, sop_instance_uid=uid,
+                                 calling_ae_title=calling_ae_title)
     except MppsError as exc:
-        return status_dataset(exc.status, exc.comment), None
+        return _refusal("N-CREATE", uid, calling_ae_title, exc.status, exc.comment)
     except Exception as exc:
-        log.warning("unreadable MPPS N-CREATE: %s", exc)
-        return status_dataset(INVALID_ATTRIBUTE_VALUE, f"unreadable dataset: {exc}"), None
-    status_or_ds, _ = _run(store, record_mpps_create, request)
-    if status_or_ds != SUCCESS:
-        return status_or_ds, None
-    if not evt.request.AffectedSOPInstanceUID:
-        ds.AffectedSOPInstanceUID = request.sop_instance_uid  # PS3.7 10.1.5.1.4
-    return SUCCESS, ds
+        return _refusal("N-CREATE", uid, calling_ae_title, INVALID_ATTRIBUTE_VALUE,
+                        f"cannot decode the attribute list: {exc}")
+    refused = _record(store, "N-CREATE", uid, calling_ae_title,
+                      lambda session: record_mpps_create(session, request))
+    if refused is not None:
+        return refused
+    response = Dataset()
+    response.update(attribute_list)
+    if not sop_instance_uid:
+        response.AffectedSOPInstanceUID = uid
+    return SUCCESS, response
 
 
-def handle_n_set(evt: Any, store: Store) -> tuple[int | Dataset, Dataset | None]:
+def handle_set(store: Store, modification_list: Any, *, sop_instance_uid: str | None,
+               calling_ae_title: str | None = None) -> Response:
+    """N-SET: update the step (and its items' status), answer with the modified attributes."""
+    if not sop_instance_uid:
+        return _refusal("N-SET", None, calling_ae_title, MISSING_ATTRIBUTE,
+                        "Requested SOP Instance UID is missing")
     try:
-        ds: Dataset = evt.modification_list
-        request = MppsSet(
-            sop_instance_uid=str(evt.request.RequestedSOPInstanceUID),
-            status=_text(ds, "PerformedProcedureStepStatus"),
-            end=_datetime(ds, "PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime"),
-            attributes_json=_json(ds),
-        )
+        request = set_request(modification_list, sop_instance_uid=sop_instance_uid)
     except MppsError as exc:
-        return status_dataset(exc.status, exc.comment), None
+        return _refusal("N-SET", sop_instance_uid, calling_ae_title, exc.status, exc.comment)
     except Exception as exc:
-        log.warning("unreadable MPPS N-SET: %s", exc)
-        return status_dataset(INVALID_ATTRIBUTE_VALUE, f"unreadable dataset: {exc}"), None
-    status_or_ds, _ = _run(store, record_mpps_set, request)
-    if status_or_ds != SUCCESS:
-        return status_or_ds, None
-    return SUCCESS, ds
+        return _refusal("N-SET", sop_instance_uid, calling_ae_title, INVALID_ATTRIBUTE_VALUE,
+                        f"cannot decode the modification list: {exc}")
+    refused = _record(store, "N-SET", sop_instance_uid, calling_ae_title,
+                      lambda session: record_mpps_set(session, request))
+    if refused is not None:
+        return refused
+    response = Dataset()
+    response.update(modification_list)
+    return SUCCESS, response

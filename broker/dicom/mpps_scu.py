@@ -1,9 +1,9 @@
-"""An MPPS SCU for administrators (DCMTK has none): act as the modality by hand.
+"""An MPPS SCU for administrators and tests: act as a modality that starts and ends a procedure
+step (DCMTK ships no MPPS SCU).
 
-``in-progress`` sends N-CREATE, ``completed`` / ``discontinued`` send N-SET. Without an
-explicit SOP Instance UID, the UID is derived from the accession number, so that
-``mpps in-progress --accession X`` followed by ``mpps completed --accession X`` refer to the
-same procedure step without the tool keeping any state.
+``in-progress`` is an N-CREATE, ``completed`` and ``discontinued`` an N-SET of the same
+instance. Without an explicit SOP Instance UID the UID is derived from the accession number,
+so the two commands agree without remembering anything in between.
 """
 
 from __future__ import annotations
@@ -13,100 +13,150 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pydicom import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 
-Action = Literal["in-progress", "completed", "discontinued"]
-_STATUS = {"in-progress": "IN PROGRESS", "completed": "COMPLETED",
-           "discontinued": "DISCONTINUED"}
+MppsAction = Literal["in-progress", "completed", "discontinued"]
+
+_NEW_STATUS: dict[str, str] = {
+    "in-progress": "IN PROGRESS",
+    "completed": "COMPLETED",
+    "discontinued": "DISCONTINUED",
+}
+
+# PS3.4 F.7.2.1 table F.7.2-1: Type 2 attributes an N-CREATE must carry, empty if unknown.
+_TYPE2_CREATE = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID",
+    "PerformedStationName", "PerformedLocation", "PerformedProcedureStepEndDate",
+    "PerformedProcedureStepEndTime", "PerformedProcedureStepDescription",
+    "PerformedProcedureTypeDescription",
+)
+_TYPE2_CREATE_SEQUENCES = (
+    "ReferencedPatientSequence", "ProcedureCodeSequence", "PerformedSeriesSequence",
+)
+_TYPE2_STEP = (
+    "RequestedProcedureID", "RequestedProcedureDescription", "ScheduledProcedureStepID",
+    "ScheduledProcedureStepDescription",
+)
+_TYPE2_STEP_SEQUENCES = ("ReferencedStudySequence", "ScheduledProtocolCodeSequence")
 
 
 class MppsScuError(Exception):
-    """The SCP could not be reached, or refused or aborted the association."""
+    """The broker could not be reached, refused the association, or never answered."""
 
 
 @dataclass(frozen=True, slots=True)
 class MppsOutcome:
+    """The peer's answer: DIMSE status (0 = success) and the instance it concerned."""
+
     status: int
     sop_instance_uid: str
     error_comment: str | None = None
 
 
 def mpps_uid_for(accession: str) -> str:
-    """A stable UID for the accession's procedure step (2.25 form, PS3.5 B.2)."""
-    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, 'worklist-broker-mpps:' + accession).int}"
+    """The MPPS SOP Instance UID ``send_mpps`` uses for an accession (a PS3.5 B.2 UUID UID)."""
+    return "2.25." + str(uuid.uuid5(uuid.NAMESPACE_OID,
+                                    "worklist-broker-mpps:" + accession).int)
 
 
-def _create_dataset(accession: str, study_uid: str | None, modality: str, station: str,
-                    now: dt.datetime) -> Dataset:
+def _now() -> tuple[str, str]:
+    # Modalities report local wall-clock time in DA / TM.
+    now = dt.datetime.now()
+    return now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+
+
+def create_dataset(*, accession: str, calling_aet: str, modality: str,
+                   study_instance_uid: str | None) -> Dataset:
+    """The N-CREATE attribute list of a step that has just started."""
     step = Dataset()
     step.AccessionNumber = accession
-    step.StudyInstanceUID = study_uid or ""
-    step.RequestedProcedureID = ""
-    step.ScheduledProcedureStepID = ""
-    step.ScheduledProcedureStepDescription = ""
-    step.ReferencedStudySequence = []
-    step.ScheduledProtocolCodeSequence = []
+    if study_instance_uid:
+        step.StudyInstanceUID = study_instance_uid
+    for keyword in _TYPE2_STEP:
+        setattr(step, keyword, None)
+    for keyword in _TYPE2_STEP_SEQUENCES:
+        setattr(step, keyword, [])
+
     ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
     ds.ScheduledStepAttributesSequence = [step]
-    # Type 2 attributes of PS3.4 F.7.2.1 are sent empty: the SCP knows them from the order.
-    ds.PatientName = ""
-    ds.PatientID = ""
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
-    ds.ReferencedPatientSequence = []
-    ds.PerformedProcedureStepID = accession[:16]
-    ds.PerformedStationAETitle = station
-    ds.PerformedStationName = ""
-    ds.PerformedLocation = ""
-    ds.PerformedProcedureStepStartDate = now.strftime("%Y%m%d")
-    ds.PerformedProcedureStepStartTime = now.strftime("%H%M%S")
     ds.PerformedProcedureStepStatus = "IN PROGRESS"
-    ds.PerformedProcedureStepDescription = ""
-    ds.PerformedProcedureTypeDescription = ""
-    ds.ProcedureCodeSequence = []
-    ds.PerformedProcedureStepEndDate = ""
-    ds.PerformedProcedureStepEndTime = ""
+    ds.PerformedProcedureStepID = accession[:16]
+    ds.PerformedStationAETitle = calling_aet
     ds.Modality = modality
-    ds.StudyID = ""
-    ds.PerformedProtocolCodeSequence = []
-    ds.PerformedSeriesSequence = []
+    ds.PerformedProcedureStepStartDate, ds.PerformedProcedureStepStartTime = _now()
+    for keyword in _TYPE2_CREATE:
+        setattr(ds, keyword, None)
+    for keyword in _TYPE2_CREATE_SEQUENCES:
+        setattr(ds, keyword, [])
     return ds
 
 
-def _set_dataset(status: str, now: dt.datetime) -> Dataset:
+def set_dataset(status: str) -> Dataset:
+    """The N-SET modification list that ends a step as COMPLETED or DISCONTINUED."""
     ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
     ds.PerformedProcedureStepStatus = status
-    ds.PerformedProcedureStepEndDate = now.strftime("%Y%m%d")
-    ds.PerformedProcedureStepEndTime = now.strftime("%H%M%S")
+    ds.PerformedProcedureStepEndDate, ds.PerformedProcedureStepEndTime = _now()
     ds.PerformedSeriesSequence = []
     return ds
 
 
-def send_mpps(action: Action, *, accession: str, host: str, port: int,
+def _associate(host: str, port: int, *, called_aet: str, calling_aet: str,
+               timeout: float) -> Association:
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    ae.connection_timeout = timeout
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    connected: list[bool] = []
+    assoc = ae.associate(host, port, ae_title=called_aet,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))])
+    if assoc.is_established:
+        return assoc
+    where = f"{called_aet} at {host}:{port}"
+    if not connected:
+        raise MppsScuError(f"cannot reach {where}: no TCP connection")
+    if assoc.is_rejected:
+        raise MppsScuError(f"{where} rejected the association (calling AE {calling_aet})")
+    if assoc.is_aborted:
+        raise MppsScuError(f"{where} aborted the association")
+    raise MppsScuError(f"{where} did not answer the association request")
+
+
+def send_mpps(action: MppsAction, *, accession: str, host: str, port: int,
               called_aet: str = "WORKLISTS", calling_aet: str = "MPPS_SCU",
               sop_instance_uid: str | None = None, study_instance_uid: str | None = None,
               modality: str = "OT", timeout: float = 30) -> MppsOutcome:
+    """Start (N-CREATE) or end (N-SET) a performed procedure step for an accession.
+
+    Returns the peer's status, failures included; raises :class:`MppsScuError` when there is
+    no answer at all (unreachable, rejected, aborted, timed out).
+    """
+    if action not in _NEW_STATUS:
+        raise ValueError(f"action must be one of {', '.join(_NEW_STATUS)}, not {action!r}")
     uid = sop_instance_uid or mpps_uid_for(accession)
-    now = dt.datetime.now()
-    ae = AE(ae_title=calling_aet)
-    ae.add_requested_context(ModalityPerformedProcedureStep)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate(host, port, ae_title=called_aet)
-    if not assoc.is_established:
-        raise MppsScuError(f"no association with {called_aet} at {host}:{port} "
-                           "(unreachable, or rejected)")
+    assoc = _associate(host, port, called_aet=called_aet, calling_aet=calling_aet,
+                       timeout=timeout)
     try:
         if action == "in-progress":
             status, _ = assoc.send_n_create(
-                _create_dataset(accession, study_instance_uid, modality, calling_aet, now),
+                create_dataset(accession=accession, calling_aet=calling_aet, modality=modality,
+                               study_instance_uid=study_instance_uid),
                 ModalityPerformedProcedureStep, uid)
         else:
-            status, _ = assoc.send_n_set(_set_dataset(_STATUS[action], now),
+            status, _ = assoc.send_n_set(set_dataset(_NEW_STATUS[action]),
                                          ModalityPerformedProcedureStep, uid)
     finally:
-        assoc.release()
-    if status is None or "Status" not in status:
-        raise MppsScuError(f"{host}:{port} aborted or did not answer the MPPS request")
-    return MppsOutcome(int(status.Status), uid, str(status.get("ErrorComment", "")) or None)
+        if assoc.is_established:
+            assoc.release()
+    if "Status" not in status:
+        raise MppsScuError(f"no valid response from {called_aet} at {host}:{port} "
+                           "(timeout or aborted association)")
+    comment = status.get("ErrorComment")
+    return MppsOutcome(status=int(status.Status), sop_instance_uid=uid,
+                       error_comment=str(comment) if comment else None)

@@ -1,9 +1,9 @@
-"""The DICOM SCP: Verification, Modality Worklist C-FIND and MPPS on one AE.
+"""The DICOM SCP: Verification, Modality Worklist C-FIND and MPPS N-CREATE / N-SET.
 
-Handlers stay thin: decode, call the core, render. A C-FIND handler fetches its matches and
-closes its database session before it yields the first response, so a modality that reads
-slowly never holds a pooled connection (measured: a handler that held one starved 40
-concurrent modalities). No exception ever leaves a handler: pynetdicom would answer 0xC311.
+Handlers stay thin (after pynetdicom's ``apps/qrscp/handlers.py``): decode, call the core,
+render. pynetdicom runs each association in its own thread, so every request opens its own
+session, and the C-FIND handler closes it before the first response goes out: a modality that
+reads its matches slowly must not hold a pooled connection while 40 others poll.
 """
 
 from __future__ import annotations
@@ -12,133 +12,194 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
 
-from pydicom.dataset import Dataset
+from pydicom import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.events import Event
 from pynetdicom.sop_class import (
     ModalityPerformedProcedureStep,
     ModalityWorklistInformationFind,
     Verification,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from pynetdicom.transport import ThreadedAssociationServer
 
 from broker.config import DicomConfig
-from broker.dicom.mpps import handle_n_create, handle_n_set
-from broker.dicom.worklist import query_from_identifier, render_response
+from broker.dicom import mpps
+from broker.dicom.worklist import query_from_identifier, response_renderer
 from broker.matching import InvalidQuery, find_worklist
 from broker.store import Store
 
 log = logging.getLogger(__name__)
 
+# C-FIND statuses (PS3.4 K.4.1.1.4 table K.4-1, PS3.7 C).
 PENDING = 0xFF00
 CANCEL = 0xFE00
-# PS3.4 C.4.1.1.4: 0xA900 identifier does not match SOP class; 0xC000-0xCFFF unable to process.
-IDENTIFIER_MISMATCH = 0xA900
-UNABLE_TO_PROCESS = 0xC001
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+PROCESSING_ERROR = 0xC001
+
+FindResponse = tuple[int | Dataset, Dataset | None]
+
+# How long stop() waits for each aborted association thread to end.
+_JOIN_SECONDS = 5.0
 
 
-def _failure(status: int, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = status
-    ds.ErrorComment = comment[:64]
-    return ds
+def _calling_ae(event: Event) -> str:
+    return str(event.assoc.requestor.ae_title).strip()
+
+
+def _on_conn_open(event: Event) -> None:
+    # Each C-FIND response is a small PDU written right after the previous one; with Nagle's
+    # algorithm and the peer's delayed ACK every query would wait ~40 ms.
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _on_echo(event: Event) -> int:
+    return 0x0000
 
 
 class DicomServer:
+    """The broker's DICOM application entity, listening without blocking the caller."""
+
     def __init__(self, config: DicomConfig, store: Store) -> None:
         self._config = config
         self._store = store
-        self._server: Any = None
+        self._ae = self._build_ae(config)
+        self._server: ThreadedAssociationServer | None = None
+        self._bound_port: int | None = None
+
+    @staticmethod
+    def _build_ae(config: DicomConfig) -> AE:
         ae = AE(ae_title=config.ae_title)
-        ae.add_supported_context(Verification)
-        ae.add_supported_context(ModalityWorklistInformationFind)
-        ae.add_supported_context(ModalityPerformedProcedureStep)
-        # pynetdicom's default of 10 refuses most of a ward at the 08:00 polling burst.
+        # Default transfer syntaxes: implicit and explicit VR little endian (what findscu and
+        # most modalities propose), deflated and big endian.
+        for sop_class in (Verification, ModalityWorklistInformationFind,
+                          ModalityPerformedProcedureStep):
+            ae.add_supported_context(sop_class)
+        # At 08:00 every modality of a site polls at once; pynetdicom's default is 10.
         ae.maximum_associations = config.max_associations
         ae.network_timeout = config.network_timeout_seconds
         ae.acse_timeout = config.network_timeout_seconds
         ae.dimse_timeout = config.network_timeout_seconds
-        # findscu's default called AE title is ANY-SCP: answer to any called title.
+        # findscu calls ANY-SCP by default and the companion answered it: any called AE.
         ae.require_called_aet = False
         ae.require_calling_aet = list(config.allowed_calling_ae_titles)
-        self._ae = ae
+        return ae
 
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            return self._config.port
-        return int(self._server.socket.getsockname()[1])
-
-    def start(self) -> None:
-        handlers = [
-            (evt.EVT_CONN_OPEN, self._on_connect),
+    def _handlers(self) -> list[tuple[evt.EventType, object]]:
+        return [
+            (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_C_ECHO, _on_echo),
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_N_CREATE, self._on_n_create),
             (evt.EVT_N_SET, self._on_n_set),
         ]
-        self._server = self._ae.start_server((self._config.host, self._config.port),
-                                             block=False, evt_handlers=handlers)
-        log.info("DICOM SCP %s on %s:%d", self._config.ae_title, self._config.host, self.port)
+
+    def start(self) -> None:
+        """Listen on the configured address; raises OSError if the port cannot be bound."""
+        if self._server is not None:
+            return
+        self._server = self._ae.start_server(
+            (self._config.host, self._config.port), block=False,
+            evt_handlers=self._handlers())  # type: ignore[arg-type]
+        self._bound_port = int(self._server.socket.getsockname()[1])  # type: ignore[union-attr]
+        log.info("DICOM SCP %s listening on %s:%d", self._config.ae_title, self._config.host,
+                 self.port)
+
+    @property
+    def port(self) -> int:
+        """The bound port (the ephemeral one when the configured port is 0); before the
+        first start, the configured one."""
+        return self._config.port if self._bound_port is None else self._bound_port
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-        self._ae.shutdown()
+        """Stop listening, abort the open associations and wait for their threads."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        associations = list(self._ae.active_associations)
+        for assoc in associations:
+            assoc.abort()
+        for assoc in associations:
+            assoc.join(_JOIN_SECONDS)
+        log.info("DICOM SCP stopped")
 
-    @staticmethod
-    def _on_connect(event: Any) -> None:
-        # Nagle's algorithm delays each small response PDU by ~40 ms on loopback.
-        try:
-            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (AttributeError, OSError):
-            pass
+    # --- C-FIND ---------------------------------------------------------------------
 
-    def _on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    def _on_find(self, event: Event) -> Iterator[FindResponse]:
         started = time.perf_counter()
-        calling = event.assoc.requestor.ae_title
+        calling_ae = _calling_ae(event)
+        matches = sent = 0
+        outcome = "success"
         try:
-            identifier = event.identifier
-            query = query_from_identifier(identifier, max_matches=self._config.max_matches)
-            with self._store.reading() as session:
-                rows = find_worklist(session, query)
-        except InvalidQuery as exc:
-            log.warning("C-FIND from %s refused: %s", calling, exc)
-            yield _failure(IDENTIFIER_MISMATCH, str(exc)), None
-            return
-        except SQLAlchemyError as exc:
-            log.error("C-FIND from %s: database error: %s", calling,
-                      str(getattr(exc, "orig", exc)).splitlines()[0])
-            yield _failure(UNABLE_TO_PROCESS, "worklist database unavailable"), None
-            return
-        except Exception as exc:
-            log.exception("C-FIND from %s: identifier could not be processed", calling)
-            yield _failure(UNABLE_TO_PROCESS, f"cannot process identifier: {exc}"), None
-            return
-        if len(rows) >= self._config.max_matches:
-            log.warning("C-FIND from %s hit dicom.max_matches=%d; the first %d by scheduled "
-                        "time are returned", calling, self._config.max_matches, len(rows))
-        sent = 0
-        for row in rows:
-            if event.is_cancelled:
-                log.info("C-FIND from %s cancelled after %d of %d", calling, sent, len(rows))
-                yield CANCEL, None
+            try:
+                identifier = event.identifier
+                query = query_from_identifier(identifier, max_matches=self._config.max_matches)
+                render = response_renderer(identifier)
+            except Exception as exc:
+                outcome = "undecodable"
+                log.warning("C-FIND from %s: cannot decode the identifier: %s", calling_ae, exc)
+                yield _failure(UNABLE_TO_PROCESS, f"cannot decode the identifier: {exc}")
                 return
             try:
-                response = render_response(identifier, row)
-            except Exception as exc:
-                log.exception("C-FIND from %s: cannot render accession %s", calling,
-                              row.procedure.accession_number)
-                yield _failure(UNABLE_TO_PROCESS, f"cannot build a response: {exc}"), None
+                with self._store.reading() as session:
+                    rows = find_worklist(session, query)
+            except InvalidQuery as exc:
+                outcome = "invalid"
+                log.warning("C-FIND from %s: %s", calling_ae, exc.reason)
+                yield _failure(IDENTIFIER_DOES_NOT_MATCH, exc.reason)
                 return
-            sent += 1
-            yield PENDING, response
-        log.info("C-FIND from %s: %d matches in %.1f ms", calling, sent,
-                 (time.perf_counter() - started) * 1000)
+            except Exception:
+                outcome = "failed"
+                log.exception("C-FIND from %s: query failed", calling_ae)
+                yield _failure(PROCESSING_ERROR, "the worklist database could not be read")
+                return
+            # The session is closed: from here on only the network can be slow.
+            matches = len(rows)
+            for row in rows:
+                if event.is_cancelled:
+                    outcome = "cancelled"
+                    yield CANCEL, None
+                    return
+                try:
+                    response = render(row)
+                except Exception:
+                    outcome = "failed"
+                    log.exception("C-FIND from %s: cannot render accession %s", calling_ae,
+                                  row.procedure.accession_number)
+                    yield _failure(PROCESSING_ERROR, "a worklist item could not be encoded")
+                    return
+                yield PENDING, response
+                sent += 1
+        finally:
+            log.info("C-FIND calling_ae=%s matches=%d sent=%d outcome=%s ms=%.1f", calling_ae,
+                     matches, sent, outcome, (time.perf_counter() - started) * 1000)
 
-    def _on_n_create(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
-        return handle_n_create(event, self._store)
+    # --- MPPS -----------------------------------------------------------------------
 
-    def _on_n_set(self, event: Any) -> tuple[int | Dataset, Dataset | None]:
-        return handle_n_set(event, self._store)
+    def _on_n_create(self, event: Event) -> mpps.Response:
+        try:
+            attribute_list = event.attribute_list
+        except Exception as exc:
+            return mpps.failure(mpps.INVALID_ATTRIBUTE_VALUE,
+                                f"cannot decode the attribute list: {exc}"), None
+        return mpps.handle_create(self._store, attribute_list,
+                                  sop_instance_uid=event.request.AffectedSOPInstanceUID,
+                                  calling_ae_title=_calling_ae(event))
+
+    def _on_n_set(self, event: Event) -> mpps.Response:
+        try:
+            modification_list = event.modification_list
+        except Exception as exc:
+            return mpps.failure(mpps.INVALID_ATTRIBUTE_VALUE,
+                                f"cannot decode the modification list: {exc}"), None
+        return mpps.handle_set(self._store, modification_list,
+                               sop_instance_uid=event.request.RequestedSOPInstanceUID,
+                               calling_ae_title=_calling_ae(event))
+
+
+def _failure(status: int, comment: str) -> FindResponse:
+    return mpps.failure(status, comment), None

@@ -1,140 +1,282 @@
-"""Modality Worklist C-FIND: identifier -> WorklistQuery, and rows -> response identifiers.
+"""Modality Worklist C-FIND: the request identifier into a :class:`WorklistQuery`, and each
+matching :class:`WorklistRow` back into a response identifier holding only the keys asked for.
 
-A response holds exactly the keys the query asked for, nested as asked (PS3.4 K.2.2.1 and
-C.2.2.1): a key the broker does not store is returned empty rather than failing the query,
-so a modality that asks for Names of Intended Recipients or a private tag still gets its
-worklist. Values are stored as Unicode and sent as ISO_IR 192 (UTF-8).
+The broker supports the keys of the Modality Worklist Information Model (PS3.4 K.6.1.2.2) it
+stores; every other key, private ones included, is matched universally, so a query naming an
+attribute the broker does not know still gets its answers.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from pydicom.dataset import Dataset
+from pydicom import Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
 from broker.domain import ItemStatus, WorklistRow
 from broker.matching import WorklistQuery
 
+# Values are stored as Unicode, so every response declares UTF-8 (PS3.5 6.1.2.5.3).
 RESPONSE_CHARACTER_SET = "ISO_IR 192"
 
-# PS3.3 C.4.10: defined terms of Scheduled Procedure Step Status.
-_SPS_STATUS = {ItemStatus.SCHEDULED: "SCHEDULED", ItemStatus.IN_PROGRESS: "STARTED"}
 
-# Matching keys the broker supports -> WorklistQuery field; all others are universal.
-_TOP_KEYS = {
-    "AccessionNumber": "accession_number",
-    "PatientID": "patient_id",
-    "IssuerOfPatientID": "issuer_of_patient_id",
-    "PatientName": "patient_name",
-    "StudyInstanceUID": "study_instance_uid",
-    "RequestedProcedureID": "requested_procedure_id",
-    "ReferringPhysicianName": "referring_physician_name",
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:  # pragma: no cover - a typo in this module
+        raise KeyError(keyword)
+    return tag
+
+
+SPECIFIC_CHARACTER_SET = _tag("SpecificCharacterSet")
+SPS_SEQUENCE = _tag("ScheduledProcedureStepSequence")
+CODE_SEQUENCE = _tag("RequestedProcedureCodeSequence")
+PATIENT_NAME = _tag("PatientName")
+PATIENT_ID = _tag("PatientID")
+ISSUER_OF_PATIENT_ID = _tag("IssuerOfPatientID")
+PATIENT_BIRTH_DATE = _tag("PatientBirthDate")
+PATIENT_SEX = _tag("PatientSex")
+ACCESSION_NUMBER = _tag("AccessionNumber")
+REFERRING_PHYSICIAN = _tag("ReferringPhysicianName")
+REQUESTING_PHYSICIAN = _tag("RequestingPhysician")
+STUDY_INSTANCE_UID = _tag("StudyInstanceUID")
+REQUESTED_PROCEDURE_ID = _tag("RequestedProcedureID")
+REQUESTED_PROCEDURE_DESCRIPTION = _tag("RequestedProcedureDescription")
+PLACER_ORDER = _tag("PlacerOrderNumberImagingServiceRequest")
+FILLER_ORDER = _tag("FillerOrderNumberImagingServiceRequest")
+CODE_VALUE = _tag("CodeValue")
+CODING_SCHEME = _tag("CodingSchemeDesignator")
+CODE_MEANING = _tag("CodeMeaning")
+MODALITY = _tag("Modality")
+STATION_AE_TITLE = _tag("ScheduledStationAETitle")
+SPS_START_DATE = _tag("ScheduledProcedureStepStartDate")
+SPS_START_TIME = _tag("ScheduledProcedureStepStartTime")
+SPS_ID = _tag("ScheduledProcedureStepID")
+SPS_DESCRIPTION = _tag("ScheduledProcedureStepDescription")
+SPS_STATUS = _tag("ScheduledProcedureStepStatus")
+PERFORMING_PHYSICIAN = _tag("ScheduledPerformingPhysicianName")
+
+# Scheduled Procedure Step Status (0040,0020) defined terms (PS3.3 C.4.10). The broker's
+# IN PROGRESS is the modality's STARTED; DICOM spells CANCELED with one L.
+SPS_STATUS_TERMS: dict[ItemStatus, str] = {
+    ItemStatus.SCHEDULED: "SCHEDULED",
+    ItemStatus.IN_PROGRESS: "STARTED",
+    ItemStatus.COMPLETED: "COMPLETED",
+    ItemStatus.DISCONTINUED: "DISCONTINUED",
+    ItemStatus.CANCELLED: "CANCELED",
 }
-_SPS_KEYS = {
-    "Modality": "modality",
-    "ScheduledStationAETitle": "scheduled_station_ae_title",
-    "ScheduledProcedureStepStartDate": "scheduled_start_date",
-    "ScheduledProcedureStepStartTime": "scheduled_start_time",
-    "ScheduledProcedureStepID": "sps_id",
+
+# Top-level keys and keys of the first Scheduled Procedure Step item that become filters.
+_TOP_KEYS: dict[int, str] = {
+    ACCESSION_NUMBER: "accession_number",
+    PATIENT_ID: "patient_id",
+    ISSUER_OF_PATIENT_ID: "issuer_of_patient_id",
+    PATIENT_NAME: "patient_name",
+    REFERRING_PHYSICIAN: "referring_physician_name",
+    REQUESTED_PROCEDURE_ID: "requested_procedure_id",
+    STUDY_INSTANCE_UID: "study_instance_uid",
+}
+_SPS_KEYS: dict[int, str] = {
+    MODALITY: "modality",
+    STATION_AE_TITLE: "scheduled_station_ae_title",
+    SPS_START_DATE: "scheduled_start_date",
+    SPS_START_TIME: "scheduled_start_time",
+    SPS_ID: "sps_id",
 }
 
 
-def _key_value(dataset: Dataset, keyword: str) -> str | None:
-    value = dataset.get(keyword)
-    if value is None or value == "" or value == b"":
+# --- request -> query -------------------------------------------------------------------
+
+def _text(value: Any) -> str | None:
+    """A key's value as the matching code reads it: ``None`` for universal matching."""
+    if value is None:
         return None
-    if isinstance(value, MultiValue):
-        # Only UIDs have list matching (C.2.2.2.2); it is what a multi-valued key means.
-        return "\\".join(str(v) for v in value)
-    if isinstance(value, PersonName):
-        return str(value)
-    return str(value).strip() or None
+    if isinstance(value, MultiValue | list | tuple):
+        text = "\\".join(str(part).strip() for part in value)
+    elif isinstance(value, bytes):
+        text = value.decode("ascii", errors="replace")
+    elif isinstance(value, PersonName):
+        text = str(value)
+    else:
+        text = str(value)
+    text = text.strip()
+    return text or None
+
+
+def _key(dataset: Dataset, tag: int) -> str | None:
+    if tag not in dataset:
+        return None
+    return _text(dataset[tag].value)
+
+
+def _wildcard_regex(value: str) -> re.Pattern[str]:
+    return re.compile("".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch)
+                              for ch in value))
+
+
+def _statuses(value: str) -> tuple[ItemStatus, ...]:
+    """The item statuses a Scheduled Procedure Step Status key selects (single, wild card,
+    or a ``\\`` list); a term the broker never uses (ARRIVED, READY...) selects nothing."""
+    patterns = [_wildcard_regex(part.strip().upper()) for part in value.split("\\")
+                if part.strip()]
+    return tuple(status for status, term in SPS_STATUS_TERMS.items()
+                 if any(p.fullmatch(term) for p in patterns))
 
 
 def query_from_identifier(identifier: Dataset, *, max_matches: int) -> WorklistQuery:
-    """The matching keys of a worklist query (values as sent; empty means universal)."""
-    keys: dict[str, Any] = {}
-    for keyword, name in _TOP_KEYS.items():
-        keys[name] = _key_value(identifier, keyword)
-    sps = identifier.get("ScheduledProcedureStepSequence")
-    if sps:
-        item = sps[0]
-        for keyword, name in _SPS_KEYS.items():
-            keys[name] = _key_value(item, keyword)
-    return WorklistQuery(**keys, limit=max_matches)
+    """The worklist query a C-FIND identifier asks.
+
+    Reads the top-level keys and those of the first item of the Scheduled Procedure Step
+    Sequence (PS3.4 C.2.2.2.6: a sequence key has a single item). pydicom decodes the values
+    with the identifier's Specific Character Set. Keys the broker does not match on are
+    universal; a malformed date or time is reported when the query runs
+    (:class:`broker.matching.InvalidQuery`).
+    """
+    fields: dict[str, Any] = {name: _key(identifier, tag) for tag, name in _TOP_KEYS.items()}
+    if SPS_SEQUENCE in identifier:
+        items = identifier[SPS_SEQUENCE].value
+        if items:
+            step = items[0]
+            fields.update({name: _key(step, tag) for tag, name in _SPS_KEYS.items()})
+            status = _key(step, SPS_STATUS)
+            if status is not None and status != "*":
+                fields["statuses"] = _statuses(status)
+    return WorklistQuery(limit=max_matches, **fields)
 
 
-def row_values(row: WorklistRow) -> dict[str, Any]:
-    """Every attribute a stored item can supply, by keyword; sequences as lists of dicts."""
-    p, proc = row.patient, row.procedure
-    start = proc.scheduled_start
-    code = None
-    if proc.requested_procedure_code_value:
-        code = [{"CodeValue": proc.requested_procedure_code_value,
-                 "CodingSchemeDesignator": proc.requested_procedure_code_scheme,
-                 "CodeMeaning": proc.requested_procedure_code_meaning}]
+# --- row -> response --------------------------------------------------------------------
+
+def _date(value: dt.date | None) -> str | None:
+    return value.strftime("%Y%m%d") if value is not None else None
+
+
+def _row_attributes(row: WorklistRow) -> dict[int, Any]:
+    """Everything a row can answer, keyed by tag; sequences are lists of such dicts."""
+    patient, procedure = row.patient, row.procedure
+    start = procedure.scheduled_start
+    step = {
+        MODALITY: procedure.modality,
+        STATION_AE_TITLE: procedure.scheduled_station_ae_title,
+        SPS_START_DATE: _date(start),
+        SPS_START_TIME: start.strftime("%H%M%S") if start is not None else None,
+        SPS_ID: procedure.sps_id,
+        SPS_DESCRIPTION: procedure.sps_description,
+        SPS_STATUS: SPS_STATUS_TERMS[row.status],
+        PERFORMING_PHYSICIAN: None,
+    }
+    codes = []
+    if procedure.requested_procedure_code_value:
+        codes.append({
+            CODE_VALUE: procedure.requested_procedure_code_value,
+            CODING_SCHEME: procedure.requested_procedure_code_scheme,
+            CODE_MEANING: procedure.requested_procedure_code_meaning,
+        })
     return {
-        "PatientName": p.patient_name,
-        "PatientID": p.patient_id,
-        "IssuerOfPatientID": p.issuer_of_patient_id,
-        "PatientBirthDate": p.birth_date.strftime("%Y%m%d") if p.birth_date else None,
-        "PatientSex": p.sex,
-        "AccessionNumber": proc.accession_number,
-        "ReferringPhysicianName": proc.referring_physician_name,
-        "RequestingPhysician": proc.requesting_physician,
-        "StudyInstanceUID": proc.study_instance_uid,
-        "RequestedProcedureID": proc.requested_procedure_id,
-        "RequestedProcedureDescription": proc.requested_procedure_description,
-        "RequestedProcedureCodeSequence": code or [],
-        "PlacerOrderNumberImagingServiceRequest": proc.placer_order_number,
-        "FillerOrderNumberImagingServiceRequest": proc.filler_order_number,
-        "ScheduledProcedureStepSequence": [{
-            "Modality": proc.modality,
-            "ScheduledStationAETitle": proc.scheduled_station_ae_title,
-            "ScheduledProcedureStepStartDate": start.strftime("%Y%m%d") if start else None,
-            "ScheduledProcedureStepStartTime": start.strftime("%H%M%S") if start else None,
-            "ScheduledProcedureStepID": proc.sps_id,
-            "ScheduledProcedureStepDescription": proc.sps_description,
-            "ScheduledProcedureStepStatus": _SPS_STATUS.get(row.status),
-            # The description stands in for the protocol when the RIS sends no codes.
-            "ScheduledProtocolCodeSequence": [],
-        }],
+        PATIENT_NAME: patient.patient_name,
+        PATIENT_ID: patient.patient_id,
+        ISSUER_OF_PATIENT_ID: patient.issuer_of_patient_id,
+        PATIENT_BIRTH_DATE: _date(patient.birth_date),
+        PATIENT_SEX: patient.sex,
+        ACCESSION_NUMBER: procedure.accession_number,
+        REFERRING_PHYSICIAN: procedure.referring_physician_name,
+        REQUESTING_PHYSICIAN: procedure.requesting_physician,
+        STUDY_INSTANCE_UID: procedure.study_instance_uid,
+        REQUESTED_PROCEDURE_ID: procedure.requested_procedure_id,
+        REQUESTED_PROCEDURE_DESCRIPTION: procedure.requested_procedure_description,
+        CODE_SEQUENCE: codes,
+        PLACER_ORDER: procedure.placer_order_number,
+        FILLER_ORDER: procedure.filler_order_number,
+        SPS_SEQUENCE: [step],
     }
 
 
-def _full(values: dict[str, Any]) -> Dataset:
-    """A sequence item with everything the broker has, for a zero-length sequence key."""
-    item = Dataset()
-    for keyword, value in values.items():
-        if isinstance(value, list):
-            setattr(item, keyword, [_full(v) for v in value])
-        elif value is not None:
-            setattr(item, keyword, value)
-    return item
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """One key of the response: a plain attribute, or a sequence rendered from ``item``."""
+
+    tag: int
+    vr: str
+    item: tuple[_Key, ...] | None = None
 
 
-def _project(request: Dataset, values: dict[str, Any]) -> Dataset:
-    out = Dataset()
-    for element in request:
-        keyword = element.keyword
-        if keyword == "SpecificCharacterSet":
+def _plain(tag: int, vr: str) -> _Key:
+    return _Key(tag, vr)
+
+
+# What a zero-length sequence key (or one with an empty item) returns: the whole item as
+# the broker keeps it (PS3.4 C.2.2.2.6, K.2.2.1.2 note 4).
+_FULL_ITEMS: dict[int, tuple[_Key, ...]] = {
+    SPS_SEQUENCE: (
+        _plain(MODALITY, "CS"), _plain(STATION_AE_TITLE, "AE"), _plain(SPS_START_DATE, "DA"),
+        _plain(SPS_START_TIME, "TM"), _plain(PERFORMING_PHYSICIAN, "PN"),
+        _plain(SPS_DESCRIPTION, "LO"), _plain(SPS_ID, "SH"), _plain(SPS_STATUS, "CS"),
+    ),
+    CODE_SEQUENCE: (
+        _plain(CODE_VALUE, "SH"), _plain(CODING_SCHEME, "SH"), _plain(CODE_MEANING, "LO"),
+    ),
+}
+
+
+def _plan(template: Dataset) -> tuple[_Key, ...]:
+    keys: list[_Key] = []
+    for element in template:
+        tag = element.tag
+        if tag == SPECIFIC_CHARACTER_SET or tag.element == 0:
+            continue  # set by the broker / group lengths are not keys
+        if tag.is_private:
+            # Private keys are outside the Worklist Information Model; answering them empty
+            # without their private creator would make an ill-formed dataset.
             continue
-        value = values.get(keyword) if keyword else None
-        if element.VR == "SQ":
-            items = value if isinstance(value, list) else []
-            template = element.value[0] if element.value else None
-            out.add_new(element.tag, "SQ", [
-                _project(template, item) if template is not None else _full(item)
-                for item in items])
+        vr = element.VR.split(" or ")[0]
+        if vr != "SQ":
+            keys.append(_Key(tag, vr))
+            continue
+        items = element.value
+        if items and len(items[0]) > 0:
+            keys.append(_Key(tag, vr, _plan(items[0])))
         else:
-            out.add_new(element.tag, element.VR, None if isinstance(value, list) else value)
+            keys.append(_Key(tag, vr, _FULL_ITEMS.get(tag, ())))
+    return tuple(keys)
+
+
+def _emit(keys: Sequence[_Key], values: Mapping[int, Any]) -> Dataset:
+    out = Dataset()
+    for key in keys:
+        if key.item is None:
+            out.add(DataElement(key.tag, key.vr, values.get(key.tag)))
+        else:
+            items = values.get(key.tag) or ()
+            out.add(DataElement(key.tag, "SQ", [_emit(key.item, item) for item in items]))
     return out
 
 
+def response_renderer(identifier: Dataset) -> Callable[[WorklistRow], Dataset]:
+    """Read the identifier's keys once; the returned function renders one row per call.
+
+    The hot path of a modality poll: the identifier is walked once per query rather than
+    once per match.
+    """
+    keys = _plan(identifier)
+
+    def render(row: WorklistRow) -> Dataset:
+        response = _emit(keys, _row_attributes(row))
+        response.SpecificCharacterSet = RESPONSE_CHARACTER_SET
+        return response
+
+    return render
+
+
 def render_response(identifier: Dataset, row: WorklistRow) -> Dataset:
-    """The response identifier for one match: the query's keys, filled from the row."""
-    response = _project(identifier, row_values(row))
-    response.SpecificCharacterSet = RESPONSE_CHARACTER_SET
-    return response
+    """The C-FIND response identifier for one match: only the keys asked for, nested as asked.
+
+    A sequence key with an item renders that item's keys for each of the row's items; a
+    zero-length sequence key (or one with an empty item) returns the items whole. Keys the
+    broker does not store come back empty. Specific Character Set is always ISO_IR 192.
+    """
+    return response_renderer(identifier)(row)
