@@ -23,7 +23,7 @@ from pydicom.valuerep import PersonName
 from broker.domain import ItemStatus, WorklistRow
 from broker.matching import WorklistQuery
 
-# Values are stored as Unicode, so every response declares UTF-8 (PS3.5 6.1.2.5.3).
+# Values are stored as Unicode, so every response declares UTF-8 (PS3.3 C.12.1.1.2).
 RESPONSE_CHARACTER_SET = "ISO_IR 192"
 
 
