@@ -22,6 +22,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
 
 from broker.config import DicomConfig
 from broker.dicom import mpps
@@ -152,10 +153,16 @@ class DicomServer:
                 log.warning("C-FIND from %s: %s", calling_ae, exc.reason)
                 yield _failure(IDENTIFIER_DOES_NOT_MATCH, exc.reason)
                 return
+            except SQLAlchemyError as exc:
+                outcome = "failed"
+                log.error("C-FIND from %s: database error: %s", calling_ae,
+                          getattr(exc, "orig", None) or exc.__class__.__name__)
+                yield _failure(PROCESSING_ERROR, "the worklist database could not be read")
+                return
             except Exception:
                 outcome = "failed"
                 log.exception("C-FIND from %s: query failed", calling_ae)
-                yield _failure(PROCESSING_ERROR, "the worklist database could not be read")
+                yield _failure(PROCESSING_ERROR, "internal error while matching")
                 return
             # The session is closed: from here on only the network can be slow.
             matches = len(rows)

@@ -23,7 +23,7 @@ from pydicom.valuerep import PersonName
 from broker.domain import ItemStatus, WorklistRow
 from broker.matching import WorklistQuery
 
-# Values are stored as Unicode, so every response declares UTF-8 (PS3.5 6.1.2.5.3).
+# Values are stored as Unicode, so every response declares UTF-8 (PS3.3 C.12.1.1.2).
 RESPONSE_CHARACTER_SET = "ISO_IR 192"
 
 
@@ -139,6 +139,11 @@ def query_from_identifier(identifier: Dataset, *, max_matches: int) -> WorklistQ
     (:class:`broker.matching.InvalidQuery`).
     """
     fields: dict[str, Any] = {name: _key(identifier, tag) for tag, name in _TOP_KEYS.items()}
+    for name in ("patient_name", "referring_physician_name"):
+        # Empty trailing PN components and groups ("DOE^JOHN^^^", "DOE^JOHN==") name the same
+        # person as "DOE^JOHN" (PS3.5 6.2.1), the form names are stored in.
+        if fields[name] is not None:
+            fields[name] = fields[name].rstrip("^=") or None
     if SPS_SEQUENCE in identifier:
         items = identifier[SPS_SEQUENCE].value
         if items:

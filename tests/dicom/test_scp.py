@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 from pydicom import Dataset
 from pynetdicom import evt
+from sqlalchemy import text
 
 from broker.config import DicomConfig
 from broker.dicom.scp import DicomServer
@@ -148,6 +149,36 @@ def test_cancel_stops_the_responses(worklist_store):
     assert [status for status, _ in responses] == [0xFF00, 0xFE00]
     assert responses[0][1] is not None and responses[0][1].AccessionNumber == "ACC-CT-1"
     assert responses[1][1] is None
+
+
+class _BrokenEvent(_CancellingEvent):
+    @property
+    def identifier(self) -> Dataset:
+        raise ValueError("truncated element")
+
+    @identifier.setter
+    def identifier(self, value: Dataset) -> None:
+        pass
+
+
+def test_undecodable_identifier_is_a_failure_not_a_traceback(worklist_store):
+    server = DicomServer(DicomConfig(host="127.0.0.1", port=0), worklist_store)
+    responses = list(server._on_find(_BrokenEvent(Dataset())))  # type: ignore[arg-type]
+    assert len(responses) == 1
+    status, identifier = responses[0]
+    assert isinstance(status, Dataset) and status.Status == 0xC000
+    assert "truncated element" in status.ErrorComment
+    assert identifier is None
+
+
+def test_database_failure_is_a_failure_status(running: Running):
+    with running.store.writing() as session:
+        session.execute(text("ALTER TABLE worklist_item RENAME TO worklist_item_gone"))
+    identifier = Dataset()
+    identifier.AccessionNumber = ""
+    result = find(running.port, identifier)
+    assert result.statuses == [0xC001]
+    assert "database" in str(result.final.ErrorComment)
 
 
 def test_allowed_calling_ae_titles(worklist_store):

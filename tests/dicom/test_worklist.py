@@ -56,6 +56,15 @@ def test_query_reads_top_level_keys_and_the_first_step_item():
     assert query.statuses == (ItemStatus.SCHEDULED, ItemStatus.IN_PROGRESS)
 
 
+def test_query_drops_empty_trailing_name_components():
+    ds = Dataset()
+    ds.PatientName = "DOE^JOHN^^^"
+    ds.ReferringPhysicianName = "^^"
+    query = query_from_identifier(ds, max_matches=10)
+    assert query.patient_name == "DOE^JOHN"
+    assert query.referring_physician_name is None
+
+
 def test_query_ignores_unknown_keys_and_maps_step_status():
     ds = Dataset()
     ds.PatientWeight = None
