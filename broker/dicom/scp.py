@@ -122,9 +122,16 @@ class DicomServer:
             return
         server.shutdown()
         associations = list(self._ae.active_associations)
+        established = [assoc for assoc in associations if assoc.is_established]
         for assoc in associations:
-            assoc.abort()
-        for assoc in associations:
+            if assoc.is_established:
+                assoc.abort()
+            else:
+                # Still negotiating, or a bare TCP probe from a monitor: nothing to abort. Its
+                # network thread is stopped here; the (daemon) association thread would only
+                # wait out the ACSE timeout, so it is not waited for.
+                assoc.kill()
+        for assoc in established:
             assoc.join(_JOIN_SECONDS)
         log.info("DICOM SCP stopped")
 
