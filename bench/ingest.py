@@ -24,21 +24,16 @@ from sqlalchemy import create_engine, text  # noqa: E402
 
 from hl7_listener.mllp import MllpClient  # noqa: E402
 from tests.e2e.broker_process import start_broker  # noqa: E402
+from tests.messages import orm  # noqa: E402
 from tests.support import PG_URL  # noqa: E402
-
-TEMPLATE = (
-    "MSH|^~\\&|RIS|HOSP|WLB|HOSP|20261129080000||ORM^O01|{mid}|P|2.3.1\r"
-    "PID|||{pid}^^^HOSP||DOE^JOHN^^^||19700101|M\r"
-    "PV1||O|||||DOC1^HOUSE^GREGORY\r"
-    "ORC|NW|PL{n}|FI{n}||SC\r"
-    "OBR|1|PL{n}|FI{n}|CT-HEAD^CT Head^LOCAL|||||||||||||DOC2^WILSON^JAMES||{acc}|RP{n}|"
-    "SPS{n}||||CT|||^^^20261129093000\r"
-)
 
 
 def _message(prefix: str, n: int) -> bytes:
-    return TEMPLATE.format(mid=f"{prefix}{n}", pid=f"P{n % 5000}", n=n,
-                           acc=f"{prefix}{n}"[-16:]).encode()
+    return orm(control_id=f"{prefix}{n}", patient_id=f"P{n % 5000}", accession=f"{prefix}{n}"[-16:],
+               placer=f"PL{prefix}{n}", filler=f"FI{prefix}{n}").encode()
+
+
+errors: list[str] = []
 
 
 def _send_all(port: int, prefix: str, count: int, latencies: list[float]) -> None:
@@ -47,8 +42,9 @@ def _send_all(port: int, prefix: str, count: int, latencies: list[float]) -> Non
             started = time.perf_counter()
             ack = client.send(_message(prefix, n))
             latencies.append(time.perf_counter() - started)
-            if b"|AA|" not in ack:
-                raise SystemExit(f"not accepted: {ack!r}")
+            if b"MSA|AA|" not in ack:
+                errors.append(ack.decode(errors="replace"))
+                return
 
 
 def _run(port: int, connections: int, orders: int) -> tuple[float, float, float]:
@@ -63,6 +59,8 @@ def _run(port: int, connections: int, orders: int) -> tuple[float, float, float]
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - started
+    if errors:
+        raise SystemExit(f"not accepted: {errors[0]!r}")
     q = statistics.quantiles(latencies, n=100)
     return per * connections / elapsed, q[49] * 1000, q[98] * 1000
 

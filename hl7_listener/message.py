@@ -1,9 +1,14 @@
-"""HL7 v2 messages in: bytes -> text (MSH-18) -> hl7apy parse -> values by field path.
+"""HL7 v2 messages in: bytes -> text (MSH-18) -> segments -> values by field path.
 
-hl7apy parses the message (``find_groups=False``: its grouped parse silently drops Z-segments
-such as ZDS; tolerant validation: its strict mode rejects valid ORM^O01). Values are then read
-by path, ``SEG-field[.component[.subcomponent]]``, from the message text split with its own
-delimiters (MSH-1/MSH-2), and HL7 escape sequences are decoded into plain Unicode.
+Values are read by path, ``SEG-field[.component[.subcomponent]]``, from the message text split
+with its own delimiters (MSH-1/MSH-2), and HL7 escape sequences are decoded into plain
+Unicode. Every segment is kept, Z-segments such as ZDS included.
+
+Why not hl7apy's ``parse_message`` (measured on a 6-segment ORM, 2-core machine): it cost
+about 19 ms of the 26 ms a message took end to end, 75% of the time, against 0.1 ms for the
+split below; its grouped mode drops Z-segments, its strict mode rejects valid ORM^O01, and
+its ER7 rendering re-escapes \\X..\\ escapes as literal text. hl7apy stays the HL7
+reference here: it decides which versions exist (``check_version``).
 """
 
 from __future__ import annotations
@@ -11,14 +16,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from hl7apy.consts import VALIDATION_LEVEL
-from hl7apy.exceptions import HL7apyException, UnsupportedVersion
-from hl7apy.parser import parse_message
+from hl7apy import check_version
+from hl7apy.exceptions import UnsupportedVersion
 
 from broker.errors import BrokerError
 
 # HL7 table 0357 codes used in ERR segments.
 SEGMENT_SEQUENCE_ERROR = "100"
+REQUIRED_FIELD_MISSING = "101"
 DATA_TYPE_ERROR = "102"
 UNSUPPORTED_MESSAGE_TYPE = "200"
 UNSUPPORTED_VERSION = "203"
@@ -316,22 +321,15 @@ def tokenize(text: str) -> ParsedMessage:
 def parse(raw: bytes) -> ParsedMessage:
     """Decode and parse an inbound message, or raise MessageError with a table 0357 code."""
     text, codec = decode(raw)
-    lines = _split_segments(text)
-    if not lines or not lines[0].startswith("MSH"):
-        raise MessageError("no MSH segment: this is not an HL7 v2 message")
-    try:
-        parsed = parse_message("\r".join(lines), find_groups=False,
-                               validation_level=VALIDATION_LEVEL.TOLERANT)
-    except UnsupportedVersion as exc:
-        raise MessageError(f"HL7 version not supported: {exc}", UNSUPPORTED_VERSION) from None
-    except HL7apyException as exc:
-        raise MessageError(f"unparseable HL7 message: {exc}") from None
-    except (ValueError, IndexError, KeyError, AttributeError) as exc:
-        raise MessageError(f"unparseable HL7 message: {exc}") from None
-    if parsed.children[0].name != "MSH":
-        raise MessageError("no MSH segment: this is not an HL7 v2 message")
-    # hl7apy checked the structure; values are read from the original text, because its
-    # ER7 rendering re-escapes hexadecimal escapes (\X41\ comes back as \E\X41\E\).
-    message = tokenize("\r".join(lines))
+    message = tokenize(text)
     message.codec = codec
+    version = message.version
+    if not version:
+        raise MessageError("MSH-12 version is required", REQUIRED_FIELD_MISSING)
+    try:
+        # hl7apy is the HL7 reference: which versions (and their structures) exist.
+        check_version(version)
+    except UnsupportedVersion:
+        raise MessageError(f"HL7 version {version!r} is not supported", UNSUPPORTED_VERSION
+                           ) from None
     return message

@@ -80,7 +80,7 @@ def test_missing_field_gets_ae_with_err_naming_it_and_nothing_is_stored(listener
     (b"PID|||123\rOBR|1\r", "AR", "no MSH segment"),
     (orm(message_type="ORU^R01").encode(), "AR", "message type ORU^R01 is not supported"),
     (orm(message_type="ORM^O02").encode(), "AR", "ORM^O02 is not supported"),
-    (orm(version="2.9").encode(), "AR", "version not supported"),
+    (orm(version="2.9").encode(), "AR", "HL7 version '2.9' is not supported"),
     (orm(birth_date="1965-04-12").encode(), "AE", "PID-7 PatientBirthDate"),
 ])
 def test_bad_input_is_answered_and_the_listener_keeps_serving(listener, payload, code, reason):
