@@ -48,7 +48,9 @@ class Broker:
         self.handler = OrderMessageHandler(
             self.store, load_mapping(config.mapping), uid_root=config.uid_root,
             sending_application=config.hl7.sending_application,
-            sending_facility=config.hl7.sending_facility)
+            sending_facility=config.hl7.sending_facility,
+            existing_order=config.hl7.existing_order,
+            charset_fallback=config.hl7.charset_fallback or None)
         self.mllp = MllpServer(
             self.handler, host=config.hl7.host, port=config.hl7.port,
             max_connections=config.hl7.max_connections,
@@ -65,11 +67,13 @@ class Broker:
         many were accepted."""
         accepted = 0
         for name, message in load_samples(directory, today or dt.date.today()):
-            ack = parse_ack(self.handler.handle(message))
-            if ack.code == "AA":
+            reply = self.handler.handle(message)
+            ack = parse_ack(reply) if reply else None
+            if ack is None or ack.code in ("AA", "CA"):
                 accepted += 1
             else:
-                log.warning("sample %s not accepted: %s %s", name, ack.code, ack.text)
+                log.warning("sample %s not accepted: %s %s", name, ack.code if ack else "",
+                            ack.text if ack else "")
         log.info("loaded %d of the sample messages in %s", accepted, directory)
         return accepted
 

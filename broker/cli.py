@@ -168,10 +168,15 @@ def _messages(args: argparse.Namespace) -> int:
         handler = OrderMessageHandler(store, load_mapping(config.mapping),
                                       uid_root=config.uid_root,
                                       sending_application=config.hl7.sending_application,
-                                      sending_facility=config.hl7.sending_facility)
+                                      sending_facility=config.hl7.sending_facility,
+                                      existing_order=config.hl7.existing_order,
+                                      charset_fallback=config.hl7.charset_fallback or None)
         reply = handler.handle(raw)
+        if reply is None:
+            print("processed; the message asks for no acknowledgement (MSH-15)")
+            return 0
         print(_printable(reply))
-        return 0 if parse_ack(reply).code == "AA" else EXIT_FAILURE
+        return 0 if parse_ack(reply).code in ("AA", "CA") else EXIT_FAILURE
     finally:
         store.dispose()
 

@@ -63,6 +63,23 @@ class Hl7Config(_Section):
     # MSH-3 / MSH-4 of the broker's own messages (ACKs and status messages).
     sending_application: str = "WORKLIST_BROKER"
     sending_facility: str = ""
+    # A NW for an accession the broker already holds: "update" it, or "reject" it (AE).
+    existing_order: Literal["update", "reject"] = "update"
+    # Codec for bytes that do not fit the declared MSH-18 (empty: refuse them with AE).
+    charset_fallback: str = ""
+
+    @field_validator("charset_fallback")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        if value:
+            import codecs
+
+            try:
+                codecs.lookup(value)
+            except LookupError:
+                raise ValueError(f"unknown character set {value!r} (e.g. cp1252, latin-1)"
+                                 ) from None
+        return value
 
 
 class RisConfig(_Section):

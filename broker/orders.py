@@ -108,7 +108,8 @@ _STATUS_ONLY = (OrderControl.CANCEL, OrderControl.DISCONTINUE, OrderControl.STAT
                 OrderControl.HOLD, OrderControl.RELEASE)
 
 
-def apply_order(session: Session, order: Order, *, uid_root: str) -> OrderResult:
+def apply_order(session: Session, order: Order, *, uid_root: str,
+                existing: str = "update") -> OrderResult:
     """Apply one order inside the caller's transaction.
 
     NW creates the item (or updates it when the RIS sends the same order again), XO changes it
@@ -133,6 +134,10 @@ def apply_order(session: Session, order: Order, *, uid_root: str) -> OrderResult
 
     if order.control is OrderControl.CHANGE and item is None:
         raise UnknownOrder(accession)
+    if (order.control is OrderControl.NEW and item is not None and existing == "reject"
+            and item.status != ItemStatus.CANCELLED):
+        raise InvalidOrder(f"an order with AccessionNumber {accession!r} already exists "
+                           "(send XO to change it)", attribute="AccessionNumber", code="205")
 
     patient = _upsert_patient(session, order.patient)
     created = item is None
@@ -158,7 +163,8 @@ def apply_order(session: Session, order: Order, *, uid_root: str) -> OrderResult
                        study_instance_uid=item.study_instance_uid)
 
 
-def apply_orders(session: Session, orders: list[Order], *, uid_root: str) -> list[OrderResult]:
+def apply_orders(session: Session, orders: list[Order], *, uid_root: str,
+                 existing: str = "update") -> list[OrderResult]:
     """Apply every item of one message in the caller's transaction (all or nothing).
 
     Items of one requested procedure (same placer order number and requested procedure ID)
@@ -172,7 +178,7 @@ def apply_orders(session: Session, orders: list[Order], *, uid_root: str) -> lis
                 and order.control is OrderControl.NEW):
             order = replace(order, procedure=replace(order.procedure,
                                                      study_instance_uid=shared[key]))
-        result = apply_order(session, order, uid_root=uid_root)
+        result = apply_order(session, order, uid_root=uid_root, existing=existing)
         if key[1]:
             shared.setdefault(key, result.study_instance_uid)
         results.append(result)

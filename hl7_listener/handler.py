@@ -27,6 +27,7 @@ from hl7_listener.message import (
     ParsedMessage,
     parse,
 )
+from hl7_listener.status_message import parse_ack
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,46 @@ _PATIENT_MERGES = {"A40", "A34", "A36"}
 _IDENTIFIER_CHANGES = {"A47"}
 
 
+# Enhanced acknowledgement mode (HL7 v2 2.9.3): the accept ACK, sent once the message is
+# safely stored (for the broker: committed), carries CA / CE / CR.
+_ENHANCED = {"AA": "CA", "AE": "CE", "AR": "CR"}
+
+
+def _enhanced(msg: ParsedMessage) -> bool:
+    return bool(msg.msh(15).strip())
+
+
+def _wanted(msg: ParsedMessage, ack: bytes) -> bytes | None:
+    """Apply MSH-15 (accept acknowledgement type, table 0155: AL, NE, ER, SU)."""
+    if not _enhanced(msg):
+        return ack
+    condition = msg.msh(15).strip().upper()
+    success = parse_ack(ack).code == "CA"
+    if condition == "NE" or (condition == "ER" and success) or (
+            condition == "SU" and not success):
+        return None
+    return ack
+
+
 class OrderMessageHandler:
     """Turns order messages into ``apply_order`` calls; ``handle`` returns the ACK to send."""
 
     def __init__(self, store: Store, mapping: Mapping, *, uid_root: str,
-                 sending_application: str, sending_facility: str) -> None:
+                 sending_application: str, sending_facility: str,
+                 existing_order: str = "update", charset_fallback: str | None = None) -> None:
         self.store = store
         # Replaced as a whole (never mutated) when the mapping is reloaded.
         self.mapping = mapping
         self.uid_root = uid_root
         self.sending_application = sending_application
         self.sending_facility = sending_facility
+        self.existing_order = existing_order
+        self.charset_fallback = charset_fallback
 
     def _ack(self, msg: ParsedMessage | None, code: str, text: str = "",
              error: ErrorDetail | None = None) -> bytes:
+        if msg is not None and _enhanced(msg):
+            code = _ENHANCED[code]
         return build_ack(msg, code, text=text, error=error,
                          sending_application=self.sending_application,
                          sending_facility=self.sending_facility)
@@ -65,11 +92,20 @@ class OrderMessageHandler:
         self._keep_rejection(None, raw, "AR", reason, ack)
         return ack
 
-    def handle(self, raw: bytes) -> bytes:
+    def handle(self, raw: bytes) -> bytes | None:
+        """The acknowledgement to send, or None when the sender asked for none (enhanced
+        mode, MSH-15 NE, or ER/SU when the outcome does not call for one)."""
         try:
-            msg = parse(raw)
+            msg = parse(raw, charset_fallback=self.charset_fallback)
         except MessageError as exc:
-            return self.reject(exc.reason, exc.code, raw)
+            if exc.message is None:
+                return self.reject(exc.reason, exc.code, raw)
+            # The header was readable: answer AE in the sender's terms.
+            return _wanted(exc.message, self._refuse(exc.message, raw, "AE", exc.reason,
+                                                     ErrorDetail(exc.code)))
+        return _wanted(msg, self._outcome(msg, raw))
+
+    def _outcome(self, msg: ParsedMessage, raw: bytes) -> bytes:
         try:
             return self._apply(msg, raw)
         except UnsupportedMessage as exc:
@@ -128,7 +164,7 @@ class OrderMessageHandler:
         kind = (msg.message_type, msg.trigger_event)
         if kind in _ORDERS:
             results = apply_orders(session, self.mapping.to_orders(msg),
-                                   uid_root=self.uid_root)
+                                   uid_root=self.uid_root, existing=self.existing_order)
             detail = ", ".join(f"accession={r.accession_number} status={r.status}"
                                for r in results)
             return detail, results[0].accession_number if results else None

@@ -52,10 +52,13 @@ _PATH = re.compile(r"^([A-Z][A-Z0-9]{2})-([1-9][0-9]*)(?:\.([1-9][0-9]*))?(?:\.(
 class MessageError(BrokerError):
     """The bytes are not an HL7 message the broker can read; ``code`` is from table 0357."""
 
-    def __init__(self, reason: str, code: str = SEGMENT_SEQUENCE_ERROR) -> None:
+    def __init__(self, reason: str, code: str = SEGMENT_SEQUENCE_ERROR,
+                 message: ParsedMessage | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        # The message as far as it could be read (its header), to answer in its terms.
+        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,28 +160,46 @@ def _charset(raw: bytes) -> str:
     return value.decode("ascii", errors="replace").strip().upper()
 
 
-def decode(raw: bytes, fallback: str = "iso8859-1") -> tuple[str, str]:
+def decode(raw: bytes, fallback: str | None = None) -> tuple[str, str]:
     """Decode the message per MSH-18; returns (text, codec).
 
-    Without MSH-18, UTF-8 if the bytes are valid UTF-8, else ``fallback``. A declared charset
-    that does not fit the bytes is an error, so a wrong declaration never stores mojibake.
+    Without MSH-18: UTF-8 if the bytes are valid UTF-8, else ``fallback`` (ISO 8859-1 when
+    none is configured). A declared charset that does not fit the bytes, or an unknown one, is
+    an error unless a ``fallback`` is configured, so a wrong declaration never silently stores
+    mojibake.
     """
     declared = _charset(raw)
-    if declared not in _CHARSETS:
+    codec = _CHARSETS.get(declared)
+    if codec is None and declared:
+        if fallback:
+            return raw.decode(fallback, errors="replace"), fallback
         raise MessageError(f"MSH-18 character set {declared!r} is not supported",
-                           DATA_TYPE_ERROR)
-    codec = _CHARSETS[declared]
+                           DATA_TYPE_ERROR, _header_only(raw))
     if codec is None:
         try:
             return raw.decode("utf-8"), "utf-8"
         except UnicodeDecodeError:
-            return raw.decode(fallback), fallback
+            codec = fallback or "iso8859-1"
+            return raw.decode(codec, errors="replace"), codec
     try:
         return raw.decode(codec), codec
     except UnicodeDecodeError as exc:
+        if fallback:
+            return raw.decode(fallback, errors="replace"), fallback
         raise MessageError(f"message bytes are not valid {declared} as MSH-18 declares "
                            f"(byte 0x{raw[exc.start]:02X} at offset {exc.start})",
-                           DATA_TYPE_ERROR) from None
+                           DATA_TYPE_ERROR, _header_only(raw)) from None
+
+
+def _header_only(raw: bytes) -> ParsedMessage | None:
+    """The MSH segment alone (ASCII in every supported charset), to answer an undecodable
+    message with an ACK in its own terms."""
+    text = raw.decode("ascii", errors="replace")
+    first = re.split(r"\r\n|\r|\n", text.lstrip(), maxsplit=1)[0]
+    try:
+        return tokenize(first)
+    except MessageError:
+        return None
 
 
 @dataclass(slots=True)
@@ -318,9 +339,9 @@ def tokenize(text: str) -> ParsedMessage:
     return message
 
 
-def parse(raw: bytes) -> ParsedMessage:
+def parse(raw: bytes, charset_fallback: str | None = None) -> ParsedMessage:
     """Decode and parse an inbound message, or raise MessageError with a table 0357 code."""
-    text, codec = decode(raw)
+    text, codec = decode(raw, charset_fallback)
     message = tokenize(text)
     message.codec = codec
     version = message.version

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class MessageHandler(Protocol):
-    def handle(self, raw: bytes) -> bytes: ...
+    def handle(self, raw: bytes) -> bytes | None: ...
 
     def reject(self, reason: str, code: str = "100", raw: bytes = b"") -> bytes: ...
 
@@ -133,8 +133,9 @@ class MllpServer:
             if payload is None:
                 return
             ack = await loop.run_in_executor(self._executor, self._handler.handle, payload)
-            writer.write(frame(ack))
-            await writer.drain()
+            if ack is not None:  # None: enhanced mode and the sender asked for no ACK
+                writer.write(frame(ack))
+                await writer.drain()
 
     def stop(self, timeout: float = 5) -> None:
         loop, server = self._loop, self._server

@@ -125,3 +125,50 @@ def test_adt_updates_merges_and_changes_identifiers(handler):
     assert send(handler, adt("A01", control_id="ADT-4")) == "AA"  # acknowledged, no effect
     assert send(handler, adt("A40", control_id="ADT-5")).startswith(
         "AE: MRG-1 prior patient identifier is required")
+
+
+def _with_msh15(text: str, accept: str, application: str = "NE") -> str:
+    # MSH-15 / MSH-16 follow MSH-12 (2.3.1) with MSH-13 and MSH-14 empty.
+    return text.replace("|P|2.3.1\r", f"|P|2.3.1|||{accept}|{application}\r", 1)
+
+
+def test_enhanced_mode_answers_ca_ce_and_honours_ne_er_su(handler):
+    ca = parse_ack(handler.handle(_with_msh15(orm(accession="E1"), "AL").encode()))
+    assert (ca.code, ca.control_id) == ("CA", "MSG-1")
+    ce = parse_ack(handler.handle(_with_msh15(orm(accession="", control_id="E2"), "AL").encode()))
+    assert ce.code == "CE" and "OBR-18" in ce.text
+    assert handler.handle(_with_msh15(orm(accession="E3", control_id="E3"), "NE").encode()) is None
+    assert handler.handle(_with_msh15(orm(accession="E4", control_id="E4"), "ER").encode()) is None
+    assert parse_ack(handler.handle(_with_msh15(orm(accession="", control_id="E5"), "ER")
+                                    .encode())).code == "CE"
+    assert handler.handle(_with_msh15(orm(accession="", control_id="E6"), "SU").encode()) is None
+    assert set(items(handler)) == {"E1", "E3", "E4"}  # stored even when no ACK was wanted
+
+
+def test_existing_order_policy_reject(store):
+    strict = OrderMessageHandler(store, load_mapping(REPO / "config" / "mapping.yaml"),
+                                 uid_root="1.2.3", sending_application="WLB",
+                                 sending_facility="", existing_order="reject")
+    assert send(strict, orm(accession="D1")) == "AA"
+    assert send(strict, orm(accession="D1", modality="MR")).startswith(
+        "AE: OBR-18 an order with AccessionNumber 'D1' already exists")
+    assert items(strict)["D1"][2] == "CT"
+    assert send(strict, orm(accession="D1", control="XO", modality="MR")) == "AA"
+    assert items(strict)["D1"][2] == "MR"
+
+
+def test_wrong_charset_gets_ae_or_the_configured_fallback(store):
+    raw = orm(patient_name="MÜLLER", charset="ASCII").encode("latin-1")
+    plain = OrderMessageHandler(store, load_mapping(REPO / "config" / "mapping.yaml"),
+                                uid_root="1.2.3", sending_application="WLB",
+                                sending_facility="")
+    nak = parse_ack(plain.handle(raw))
+    assert (nak.code, nak.control_id) == ("AE", "MSG-1")
+    assert "not valid ASCII" in nak.text and "0xDC" in nak.text
+    assert items(plain) == {}
+    lenient = OrderMessageHandler(store, plain.mapping, uid_root="1.2.3",
+                                  sending_application="WLB", sending_facility="",
+                                  charset_fallback="cp1252")
+    assert parse_ack(lenient.handle(raw)).code == "AA"
+    with store.reading() as s:
+        assert s.scalar(select(Patient.patient_name)) == "MÜLLER"
