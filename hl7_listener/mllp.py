@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 from types import TracebackType
 
@@ -75,6 +76,15 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes | No
     return payload
 
 
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True when the peer closed (or wrote unasked-for bytes on) an idle connection."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
+    except (OSError, ValueError):
+        return True
+
+
 class MllpClient:
     """A blocking MLLP client that keeps its connection open between messages."""
 
@@ -88,6 +98,10 @@ class MllpClient:
         self._sock: socket.socket | None = None
 
     def _connect(self) -> socket.socket:
+        if self._sock is not None and _closed_by_peer(self._sock):
+            # The RIS closed the idle connection since the last message: reconnect before
+            # sending, rather than lose a write into a dead socket and wait for a timeout.
+            self.close()
         if self._sock is None:
             sock = socket.create_connection((self.host, self.port), timeout=self._connect_timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -32,6 +32,7 @@ class FakeRis:
     ack_code: str = "AA"
     received: list[str] = field(default_factory=list)
     connections: int = 0
+    open_connections: int = 0
 
     def __post_init__(self) -> None:
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -39,6 +40,7 @@ class FakeRis:
         self.port = self._server.getsockname()[1]
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._drop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -53,11 +55,27 @@ class FakeRis:
             self.connections += 1
             threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
 
+    def drop_connections(self) -> None:
+        """Hang up every open connection, as a RIS closing idle links does."""
+        self._drop.set()
+
     def _connection(self, conn: socket.socket) -> None:
         conn.settimeout(0.2)
         buffer = b""
+        with self._lock:
+            self.open_connections += 1
+        try:
+            self._converse(conn, buffer)
+        finally:
+            conn.close()
+            with self._lock:
+                self.open_connections -= 1
+            if self.open_connections == 0:
+                self._drop.clear()
+
+    def _converse(self, conn: socket.socket, buffer: bytes) -> None:
         with conn:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not self._drop.is_set():
                 try:
                     chunk = conn.recv(65536)
                 except TimeoutError:

@@ -157,3 +157,19 @@ def _order_with_mpps_uid(store, accession: str, uid: str) -> None:
                                          (ScheduledStepRef(accession_number=accession),)))
     with store.writing() as s:
         record_mpps_set(s, MppsSet(uid, "COMPLETED"))
+
+
+def test_reconnects_when_the_ris_closed_the_idle_connection(store):
+    from hl7_listener.mllp import MllpClient
+
+    ris = FakeRis()
+    try:
+        with MllpClient("127.0.0.1", ris.port, read_timeout=5) as client:
+            client.send(b"MSH|^~\\&|A|B|C|D|2026||ORM^O01|ONE|P|2.3.1\r")
+            ris.drop_connections()
+            wait_for(lambda: ris.open_connections == 0, what="the RIS to hang up")
+            ack = client.send(b"MSH|^~\\&|A|B|C|D|2026||ORM^O01|TWO|P|2.3.1\r")
+        assert field_of(ack.decode(), "MSA", 2) == "TWO"
+        assert ris.connections == 2
+    finally:
+        ris.close()
