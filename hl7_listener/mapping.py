@@ -101,9 +101,24 @@ class Rule:
     required: bool = False
     name_format: str = "XPN"
     default: str | None = None
+    table: dict[str, str] | None = None
+    transforms: tuple[str, ...] = ()
+    truncate: bool = False
+    date_format: str | None = None
 
 
-def _read_rule(keyword: str, spec: Any, where: str) -> Rule:
+_TRANSFORMS = {
+    "upper": str.upper,
+    "lower": str.lower,
+    "strip": str.strip,
+    "collapse_spaces": lambda text: " ".join(text.split()),
+}
+_OPTIONS = {"from", "required", "format", "default", "table", "transform", "truncate",
+            "date_format"}
+
+
+def _read_rule(keyword: str, spec: Any, where: str,
+               tables: dict[str, dict[str, str]] | None = None) -> Rule:
     target = TARGETS.get(keyword)
     if target is None:
         raise ConfigError(f"{where}: {keyword!r} is not a DICOM attribute the broker stores "
@@ -112,7 +127,7 @@ def _read_rule(keyword: str, spec: Any, where: str) -> Rule:
         spec = {"from": spec}
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: {keyword}: expected a field path or a mapping with 'from'")
-    unknown = set(spec) - {"from", "required", "format", "default"}
+    unknown = set(spec) - _OPTIONS
     if unknown:
         raise ConfigError(f"{where}: {keyword}: unknown option(s) {', '.join(sorted(unknown))}")
     sources = spec.get("from", [])
@@ -131,8 +146,25 @@ def _read_rule(keyword: str, spec: Any, where: str) -> Rule:
     default = spec.get("default")
     if not paths and default is None:
         raise ConfigError(f"{where}: {keyword}: needs 'from' or 'default'")
+    table = None
+    if "table" in spec:
+        table = (tables or {}).get(str(spec["table"]))
+        if table is None:
+            raise ConfigError(f"{where}: {keyword}: unknown table {spec['table']!r} "
+                              f"(tables: {', '.join(tables or {}) or 'none defined'})")
+    transforms = spec.get("transform", [])
+    transforms = [transforms] if isinstance(transforms, str) else transforms
+    bad = [t for t in transforms if t not in _TRANSFORMS]
+    if not isinstance(transforms, list) or bad:
+        raise ConfigError(f"{where}: {keyword}: unknown transform {bad or transforms!r} "
+                          f"(one of: {', '.join(_TRANSFORMS)})")
+    date_format = spec.get("date_format")
+    if date_format is not None and target.vr not in ("DA", "TM"):
+        raise ConfigError(f"{where}: {keyword}: 'date_format' applies to dates and times only")
     return Rule(keyword, target, paths, bool(spec.get("required", False)), name_format,
-                None if default is None else str(default))
+                None if default is None else str(default), table, tuple(transforms),
+                bool(spec.get("truncate", False)),
+                None if date_format is None else str(date_format))
 
 
 @dataclass(slots=True)
@@ -241,12 +273,32 @@ def _timestamp(text: str, location: str, keyword: str) -> re.Match[str]:
     return match
 
 
+def _lookup(rule: Rule, text: str, location: str) -> str:
+    if rule.table is None:
+        return text
+    value = rule.table.get(text.strip())
+    if value is None:
+        if rule.default is not None:
+            return rule.default
+        keyword = rule.keyword.rsplit(".", 1)[-1]
+        raise InvalidOrder(f"{location} {keyword}: {text!r} is not in the mapping's table",
+                           location=location, attribute=rule.keyword,
+                           code=TABLE_VALUE_NOT_FOUND)
+    return str(value)
+
+
 def _convert(rule: Rule, text: str, location: str) -> Any:
     keyword = rule.keyword.rsplit(".", 1)[-1]
     vr = rule.target.vr
+    text = _lookup(rule, text, location)
+    for name in rule.transforms:
+        text = _TRANSFORMS[name](text)
     # Every attribute the broker stores is single-line; a \.br\ from the RIS becomes a space.
     text = " ".join(text.split()) if vr != "PN" else text.strip()
     try:
+        if rule.date_format is not None:
+            parsed = dt.datetime.strptime(text, rule.date_format)
+            return parsed.date() if vr == "DA" else parsed.time()
         if vr == "DA":
             match = _timestamp(text, location, keyword)
             return dt.date(int(match[1]), int(match[2] or 1), int(match[3] or 1))
@@ -264,12 +316,16 @@ def _convert(rule: Rule, text: str, location: str) -> Any:
     if vr == "UI" and not _UID.match(text):
         raise InvalidOrder(f"{location} {keyword} {text!r} is not a DICOM UID",
                            location=location, attribute=rule.keyword, code=DATA_TYPE_ERROR)
+    limit = _MAX_LENGTH.get(vr)
+    if rule.truncate and limit is not None:
+        text = text[:limit]
     if vr == "PN":
+        if rule.truncate:
+            text = "=".join(group[:64] for group in text.split("="))
         if any(len(group) > 64 for group in text.split("=")):
             raise InvalidOrder(f"{location} {keyword} is longer than 64 characters",
                                location=location, attribute=rule.keyword, code=DATA_TYPE_ERROR)
         return text
-    limit = _MAX_LENGTH.get(vr)
     if limit is not None and len(text) > limit:
         raise InvalidOrder(f"{location} {keyword} {text!r} is longer than {limit} characters "
                            f"({vr})", location=location, attribute=rule.keyword,
@@ -290,10 +346,15 @@ def load_mapping(path: Path) -> Mapping:
         raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(data, dict) or not isinstance(data.get("attributes"), dict):
         raise ConfigError(f"{path}: expected a top-level 'attributes:' mapping")
-    unknown = set(data) - {"attributes", "message_types"}
+    unknown = set(data) - {"attributes", "message_types", "tables"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}")
-    rules = _read_rules(path, data["attributes"], _key_lines(node, ("attributes",)))
+    tables = data.get("tables") or {}
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(f"{path}: tables: each table is a mapping of value: replacement")
+    tables = {str(name): {str(k): str(v) for k, v in table.items()}
+              for name, table in tables.items()}
+    rules = _read_rules(path, data["attributes"], _key_lines(node, ("attributes",)), tables)
     keywords = {rule.keyword for rule in rules}
     for needed in ("PatientID", "AccessionNumber"):
         if needed not in keywords:
@@ -306,12 +367,13 @@ def load_mapping(path: Path) -> Mapping:
         if not isinstance(specs, dict):
             raise ConfigError(f"{path}: message_types: {message_type}: expected attributes")
         lines = _key_lines(node, ("message_types", str(message_type)))
-        overrides[str(message_type)] = tuple(_read_rules(path, specs, lines))
+        overrides[str(message_type)] = tuple(_read_rules(path, specs, lines, tables))
     return Mapping(tuple(rules), source=Path(path), overrides=overrides)
 
 
-def _read_rules(path: Path, specs: dict[Any, Any], lines: dict[str, int]) -> list[Rule]:
-    return [_read_rule(str(keyword), spec, f"{path}:{lines.get(str(keyword), '?')}")
+def _read_rules(path: Path, specs: dict[Any, Any], lines: dict[str, int],
+                tables: dict[str, dict[str, str]]) -> list[Rule]:
+    return [_read_rule(str(keyword), spec, f"{path}:{lines.get(str(keyword), '?')}", tables)
             for keyword, spec in specs.items()]
 
 

@@ -14,7 +14,7 @@ reference here: it decides which versions exist (``check_version``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hl7apy import check_version
 from hl7apy.exceptions import UnsupportedVersion
@@ -46,7 +46,9 @@ _CHARSETS = {
     "UNICODE": "utf-8",
 }
 
-_PATH = re.compile(r"^([A-Z][A-Z0-9]{2})-([1-9][0-9]*)(?:\.([1-9][0-9]*))?(?:\.([1-9][0-9]*))?$")
+_PATH = re.compile(r"^([A-Z][A-Z0-9]{2})-([1-9][0-9]*)(?:\[([^\]]*)\])?"
+                   r"(?:\.([1-9][0-9]*))?(?:\.([1-9][0-9]*))?$")
+_REPETITION = re.compile(r"^(?:(\*)|([1-9][0-9]*)|([1-9][0-9]*)=(.+))$")
 
 
 class MessageError(BrokerError):
@@ -63,13 +65,29 @@ class MessageError(BrokerError):
 
 @dataclass(frozen=True, slots=True)
 class FieldPath:
+    """``SEG-field[repetition].component.subcomponent``.
+
+    Repetition: none or ``[1]`` the first; ``[N]`` the Nth; ``[*]`` the first repetition in
+    which the addressed value is not empty; ``[C=VALUE]`` the first repetition whose
+    component C is VALUE (e.g. ``PID-3[5=MR].1``: the identifier of type MR).
+    """
+
     segment: str
     field: int
     component: int | None = None
     subcomponent: int | None = None
+    repetition: int = 1
+    any_repetition: bool = False
+    where: tuple[int, str] | None = None
 
     def __str__(self) -> str:
         parts = f"{self.segment}-{self.field}"
+        if self.any_repetition:
+            parts += "[*]"
+        elif self.where is not None:
+            parts += f"[{self.where[0]}={self.where[1]}]"
+        elif self.repetition != 1:
+            parts += f"[{self.repetition}]"
         if self.component is not None:
             parts += f".{self.component}"
         if self.subcomponent is not None:
@@ -81,10 +99,21 @@ def parse_path(text: str) -> FieldPath:
     match = _PATH.match(text.strip())
     if match is None:
         raise ValueError(f"{text!r} is not a field path like PID-3.1 or OBR-27.4")
-    segment, fld, comp, sub = match.groups()
+    segment, fld, rep, comp, sub = match.groups()
     if sub is not None and comp is None:
         raise ValueError(f"{text!r} names a subcomponent without a component")
-    return FieldPath(segment, int(fld), int(comp) if comp else None, int(sub) if sub else None)
+    path = FieldPath(segment, int(fld), int(comp) if comp else None, int(sub) if sub else None)
+    if rep is None:
+        return path
+    selector = _REPETITION.match(rep.strip())
+    if selector is None:
+        raise ValueError(f"{text!r}: repetition [{rep}] is not [N], [*] or [component=value]")
+    star, number, where_component, where_value = selector.groups()
+    if star:
+        return replace(path, any_repetition=True)
+    if number:
+        return replace(path, repetition=int(number))
+    return replace(path, where=(int(where_component), where_value.strip()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,11 +280,27 @@ class ParsedMessage:
         return [name for name, _ in self.segments]
 
     def raw(self, path: FieldPath) -> str:
-        """ER7 text at ``path`` (first repetition), escapes still encoded; '' when absent."""
+        """ER7 text at ``path``, escapes still encoded; '' when absent."""
         fields = self.segment_fields(path.segment)
         if fields is None or path.field >= len(fields) or not fields[path.field]:
             return ""
-        text = fields[path.field][0]
+        repetitions = fields[path.field]
+        d = self.delimiters
+        if path.any_repetition:
+            return next((v for v in (self._part(r, path) for r in repetitions) if v), "")
+        if path.where is not None:
+            component, wanted = path.where
+            for repetition in repetitions:
+                parts = repetition.split(d.component)
+                if component <= len(parts) and d.unescape(parts[component - 1],
+                                                          self.codec) == wanted:
+                    return self._part(repetition, path)
+            return ""
+        if path.repetition > len(repetitions):
+            return ""
+        return self._part(repetitions[path.repetition - 1], path)
+
+    def _part(self, text: str, path: FieldPath) -> str:
         d = self.delimiters
         if path.component is not None:
             parts = text.split(d.component)
@@ -266,8 +311,8 @@ class ParsedMessage:
         return text
 
     def components(self, path: FieldPath) -> list[str]:
-        """The decoded components of the field at ``path`` (first repetition)."""
-        text = self.raw(FieldPath(path.segment, path.field))
+        """The decoded components of the field (repetition) at ``path``."""
+        text = self.raw(replace(path, component=None, subcomponent=None))
         d = self.delimiters
         return [d.unescape(c, self.codec) for c in text.split(d.component)] if text else []
 

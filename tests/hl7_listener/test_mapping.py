@@ -103,3 +103,60 @@ def test_bad_mapping_is_refused_with_file_line_and_key(tmp_path, yaml_text, mess
     with pytest.raises(ConfigError) as info:
         load_mapping(path)
     assert message in str(info.value) and str(path) in str(info.value)
+
+
+MAPPING_WITH_TABLES = """
+tables:
+  modality_by_code: {CTHEAD: CT, MRKNEE: MR}
+attributes:
+  PatientID: {from: "PID-3[5=MR].1", required: true}
+  IssuerOfPatientID: "PID-3[5=MR].4"
+  PatientName: {from: "PID-5[*]", transform: [upper]}
+  PatientBirthDate: {from: PID-7, date_format: "%d.%m.%Y"}
+  AccessionNumber: {from: OBR-18, required: true}
+  RequestedProcedureDescription: {from: OBR-4.2, truncate: true}
+  ScheduledProcedureStepSequence.Modality: {from: OBR-4.1, table: modality_by_code}
+  ScheduledProcedureStepSequence.ScheduledStationAETitle: {default: CT_ROOM1}
+"""
+
+
+def _with_tables(tmp_path):
+    path = tmp_path / "mapping.yaml"
+    path.write_text(MAPPING_WITH_TABLES)
+    return load_mapping(path)
+
+
+def test_repetition_filters_tables_transforms_and_constants(tmp_path):
+    mapping = _with_tables(tmp_path)
+    text = orm(birth_date="12.04.1965", code="CTHEAD^" + "Long description " * 5 + "^L",
+               patient_name="~doe^jane",
+               extra_pid={3: "X-9^^^OTHER^PI~MRN-1^^^HOSP^MR"})
+    result = mapping.to_order(parse(text.encode()))
+    assert (result.patient.patient_id, result.patient.issuer_of_patient_id) == ("MRN-1", "HOSP")
+    assert result.patient.patient_name == "DOE^JANE"  # first non-empty repetition, upper-cased
+    assert result.patient.birth_date == dt.date(1965, 4, 12)
+    assert len(result.procedure.requested_procedure_description) == 64
+    assert result.procedure.modality == "CT"
+    assert result.procedure.scheduled_station_ae_title == "CT_ROOM1"
+
+
+def test_table_miss_is_ae_103_naming_the_field(tmp_path):
+    mapping = _with_tables(tmp_path)
+    text = orm(code="XRHAND^Hand^L", extra_pid={3: "MRN-1^^^HOSP^MR"}, birth_date="12.04.1965")
+    with pytest.raises(InvalidOrder) as info:
+        mapping.to_order(parse(text.encode()))
+    assert info.value.code == "103"
+    assert str(info.value) == "OBR-4.1 Modality: 'XRHAND' is not in the mapping's table"
+
+
+def test_unknown_table_and_transform_are_refused_at_load(tmp_path):
+    path = tmp_path / "mapping.yaml"
+    path.write_text(MAPPING_WITH_TABLES.replace("table: modality_by_code", "table: nope"))
+    with pytest.raises(ConfigError, match=r":11: .*Modality: unknown table 'nope'"):
+        load_mapping(path)
+    path.write_text(MAPPING_WITH_TABLES.replace("[upper]", "[shout]"))
+    with pytest.raises(ConfigError, match="unknown transform"):
+        load_mapping(path)
+    path.write_text(MAPPING_WITH_TABLES.replace('"PID-3[5=MR].4"', '"PID-3[=MR].4"'))
+    with pytest.raises(ConfigError, match=r":6: IssuerOfPatientID: .*repetition \[=MR\] is not"):
+        load_mapping(path)
