@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from broker.config import BrokerConfig
 from broker.dicom.scp import DicomServer
+from broker.errors import ConfigError
 from broker.purge import purge
 from broker.store import Store
 from hl7_listener.handler import OrderMessageHandler
@@ -27,6 +28,14 @@ from hl7_listener.server import MllpServer
 from hl7_listener.status_message import parse_ack
 
 log = logging.getLogger(__name__)
+
+
+def _stamp(path: Path) -> tuple[float, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime, info.st_size
 
 
 def open_store(config: BrokerConfig) -> Store:
@@ -45,6 +54,7 @@ class Broker:
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
         self.store = open_store(config)
+        self._mapping_stamp = _stamp(config.mapping)
         self.handler = OrderMessageHandler(
             self.store, load_mapping(config.mapping), uid_root=config.uid_root,
             sending_application=config.hl7.sending_application,
@@ -77,6 +87,23 @@ class Broker:
         log.info("loaded %d of the sample messages in %s", accepted, directory)
         return accepted
 
+    def reload_mapping(self) -> bool:
+        """Use the mapping file as it is now, if it is valid; else keep the one in use."""
+        self._mapping_stamp = _stamp(self.config.mapping)
+        try:
+            mapping = load_mapping(self.config.mapping)
+        except ConfigError as exc:
+            log.error("mapping not reloaded, the previous one stays in use: %s", exc)
+            return False
+        # One attribute assignment: a message being handled keeps the mapping it started with.
+        self.handler.mapping = mapping
+        log.info("mapping reloaded from %s", self.config.mapping)
+        return True
+
+    def _reload_if_changed(self) -> None:
+        if _stamp(self.config.mapping) != self._mapping_stamp:
+            self.reload_mapping()
+
     def run_purge(self) -> None:
         with self._purge_lock:
             purge(self.store, retention=self.config.jobs.retention())
@@ -96,6 +123,9 @@ class Broker:
                 next_run_time=dt.datetime.now())
         self.scheduler.add_job(self.run_purge, CronTrigger.from_crontab(jobs.purge_cron),
                                id="purge", max_instances=1, coalesce=True)
+        self.scheduler.add_job(self._reload_if_changed, "interval",
+                               seconds=jobs.mapping_check_seconds, id="mapping-reload",
+                               max_instances=1, coalesce=True)
         self.scheduler.start()
         log.info("broker started: DICOM %s on %s:%d, HL7 on %s:%d, RIS outbound %s",
                  self.config.dicom.ae_title, self.config.dicom.host, self.dicom.port,

@@ -52,6 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     broker = Broker(config)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: broker.reload_mapping())
     try:
         broker.start()
     except OSError as exc:
@@ -185,6 +186,40 @@ def _printable(message: bytes) -> str:
     return message.decode("utf-8", errors="replace").replace("\r", "\n").rstrip("\n")
 
 
+def _mapping_test(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from hl7_listener.mapping import load_mapping
+    from hl7_listener.message import parse
+    from hl7_listener.samples import render_sample
+
+    mapping = load_mapping(Path(args.mapping))
+    try:
+        text = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
+    raw = render_sample(text.decode("utf-8", errors="surrogateescape"), dt.date.today()
+                        ).encode("utf-8", errors="surrogateescape")
+    message = parse(raw)
+    if message.message_type == "ADT":
+        patient = mapping.to_patient(message)
+        print(f"ADT^{message.trigger_event}: patient {patient}")
+        return 0
+    for number, (order, rows) in enumerate(mapping.describe(message), start=1):
+        print(f"item {number}: ORC-1 {order.control}"
+              + (f", ORC-5 {order.order_status}" if order.order_status else ""))
+        width = max(len(keyword) for keyword, _, _ in rows)
+        for keyword, value, source in rows:
+            print(f"  {keyword:<{width}}  {value or '(empty)':<30}  <- {source}")
+        warnings = [f"{keyword} is empty ({source})" for keyword, value, source in rows
+                    if not value and keyword != "StudyInstanceUID"]
+        if not order.procedure.study_instance_uid:
+            warnings.append("StudyInstanceUID: none sent; one is generated under uid_root")
+        for warning in warnings:
+            print(f"  warning: {warning}")
+    return 0
+
+
 def _send(args: argparse.Namespace) -> int:
     import datetime as dt
 
@@ -268,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     msgs.add_argument("--failed", action="store_true", help="list only refused messages")
     msgs.add_argument("--limit", type=int, default=100, help="list at most this many")
     msgs.set_defaults(func=_messages)
+
+    test = commands.add_parser("mapping-test", help="show the worklist entry an HL7 file "
+                               "would produce, without touching the database")
+    test.add_argument("file", help="HL7 message file ({TODAY}-style placeholders are filled)")
+    test.add_argument("--mapping", default="config/mapping.yaml",
+                      help="mapping file (default: config/mapping.yaml)")
+    test.set_defaults(func=_mapping_test)
 
     send = commands.add_parser("send", help="send an HL7 file over MLLP and print the ACK")
     send.add_argument("file", help="HL7 message file ({TODAY}-style placeholders are filled)")

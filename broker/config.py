@@ -111,6 +111,7 @@ class JobsConfig(_Section):
     outbox_retention_days: int | None = Field(None, ge=1)
     inbound_log_retention_days: int | None = Field(None, ge=1)
     outbound_batch_size: int = Field(100, ge=1)
+    mapping_check_seconds: float = Field(5, gt=0)
 
     def retention(self) -> Retention:
         from broker.purge import Retention

@@ -193,6 +193,24 @@ class Mapping:
     def _rules_for(self, message: ParsedMessage) -> tuple[Rule, ...]:
         return self._by_type.get(f"{message.message_type}^{message.trigger_event}", self.rules)
 
+    def describe(self, message: ParsedMessage) -> list[tuple[Order, list[tuple[str, str, str]]]]:
+        """For ``mapping-test``: per item, its Order and (keyword, DICOM value, source) rows."""
+        described = []
+        for view in message.item_views():
+            order = self.to_order(view)
+            rows = []
+            for rule in self._rules_for(view):
+                part = order.patient if rule.target.part == "patient" else order.procedure
+                value = getattr(part, rule.target.name)
+                if isinstance(value, dt.datetime):
+                    value = value.strftime("%Y%m%d" if rule.target.vr == "DA" else "%H%M%S")
+                elif isinstance(value, dt.date):
+                    value = value.strftime("%Y%m%d")
+                source = " | ".join(str(p) for p in rule.sources) or "constant"
+                rows.append((rule.keyword, "" if value is None else str(value), source))
+            described.append((order, rows))
+        return described
+
     def to_orders(self, message: ParsedMessage) -> list[Order]:
         """One Order per worklist item: per ORC group, or per IPC in an OMI^O23."""
         return [self.to_order(view) for view in message.item_views()]

@@ -48,7 +48,8 @@ class BrokerProcess:
 
 
 def write_config(directory: Path, *, database_url: str | None = None, ris_port: int | None = None,
-                 outbound_interval: float = 0.2) -> tuple[Path, int, int]:
+                 outbound_interval: float = 0.2, mapping: str | None = None,
+                 ) -> tuple[Path, int, int]:
     dicom_port, hl7_port = free_port(), free_port()
     config = {
         "database": {"url": database_url or f"sqlite:///{directory / 'worklist.db'}"},
@@ -56,8 +57,8 @@ def write_config(directory: Path, *, database_url: str | None = None, ris_port: 
         "hl7": {"host": "127.0.0.1", "port": hl7_port},
         "ris": {"enabled": ris_port is not None, "host": "127.0.0.1", "port": ris_port or 2576,
                 "connect_timeout_seconds": 2, "ack_timeout_seconds": 5},
-        "jobs": {"outbound_interval_seconds": outbound_interval},
-        "mapping": str(REPO / "config" / "mapping.yaml"),
+        "jobs": {"outbound_interval_seconds": outbound_interval, "mapping_check_seconds": 0.5},
+        "mapping": mapping or str(REPO / "config" / "mapping.yaml"),
     }
     path = directory / "broker.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -170,3 +170,33 @@ def test_unreachable_database_is_one_line_error(tmp_path):
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("worklist-broker: error: database:")
+
+
+def test_mapping_reloads_on_sighup_and_a_bad_edit_keeps_the_old_one(tmp_path):
+    import signal
+
+    mapping = tmp_path / "mapping.yaml"
+    original = (REPO / "config" / "mapping.yaml").read_text()
+    mapping.write_text(original)
+    broker = start_broker(tmp_path, mapping=str(mapping))
+    try:
+        mapping.write_text("attributes: {PatientNme: PID-5}\n")
+        broker.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "mapping not reloaded" in broker.log(), what="the refused reload")
+        with MllpClient("127.0.0.1", broker.hl7_port) as client:
+            assert field_of(client.send(orm(accession="R-1").encode()).decode(), "MSA", 1) == (
+                "AA")
+            # A valid edit: the accession now comes from OBR-20 (SPS-1 in the test order).
+            mapping.write_text(original.replace("AccessionNumber: {from: OBR-18",
+                                                "AccessionNumber: {from: OBR-20"))
+            broker.process.send_signal(signal.SIGHUP)
+            wait_for(lambda: "mapping reloaded" in broker.log(), what="the reload")
+            client.send(orm(accession="R-2", control_id="MSG-R2").encode())
+        rows = findscu(broker.dicom_port, "AccessionNumber", out_dir=tmp_path / "q")
+        assert sorted(r.AccessionNumber for r in rows) == ["R-1", "SPS-1"]
+        # No signal: the periodic check notices the edit by itself.
+        mapping.write_text(original + "\n# edited\n")
+        wait_for(lambda: broker.log().count("mapping reloaded") == 2, timeout=15,
+                 what="the reload after a file change")
+    finally:
+        assert broker.stop() == 0
