@@ -1,0 +1,67 @@
+"""The administrator's commands: real processes, one-line errors, exit statuses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from broker.domain import (
+    MppsCreate,
+    Order,
+    OrderControl,
+    PatientData,
+    ProcedureData,
+    ScheduledStepRef,
+)
+from broker.mpps import record_mpps_create
+from broker.orders import apply_order
+from tests.messages import orm
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "broker.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_mapping_test_shows_each_attribute_and_its_source():
+    done = cli("mapping-test", "sample_messages/02_mr_order.hl7")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "item 1: ORC-1 NW, ORC-5 SC"
+    accession = next(line for line in lines if line.strip().startswith("AccessionNumber"))
+    assert "ACC-MR-0002" in accession and accession.endswith("<- OBR-18")
+    assert any("1.2.826.0.1.3680043.10.1491.1.2" in line for line in lines)
+
+
+def test_mapping_test_reports_a_bad_message_in_one_line(tmp_path):
+    path = tmp_path / "bad.hl7"
+    path.write_text(orm(accession=""))
+    done = cli("mapping-test", str(path))
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "worklist-broker: error: OBR-18 AccessionNumber is required")
+
+
+def test_outbox_list_retry_drop(tmp_path, sqlite_store):
+    with sqlite_store.writing() as s:
+        apply_order(s, Order(OrderControl.NEW, PatientData("P1"), ProcedureData("A1")),
+                    uid_root="1.2.3")
+    with sqlite_store.writing() as s:
+        record_mpps_create(s, MppsCreate("1.2.3.4", "IN PROGRESS",
+                                         (ScheduledStepRef(accession_number="A1"),)))
+    config = tmp_path / "broker.yaml"
+    config.write_text(yaml.safe_dump({"database": {"url": sqlite_store.url},
+                                      "mapping": str(REPO / "config" / "mapping.yaml")}))
+    listed = cli("outbox", "list", "--config", str(config), "--state", "pending")
+    assert listed.returncode == 0 and "\tpending\tIP\tA1\t" in listed.stdout
+    assert cli("outbox", "retry", "--config", str(config)).returncode == 1  # needs ID or --all
+    nothing = cli("outbox", "retry", "1", "--config", str(config))
+    assert nothing.returncode == 1 and "not in the failed state" in nothing.stderr
+    dropped = cli("outbox", "drop", "1", "--config", str(config))
+    assert dropped.returncode == 0 and "dropped message 1 (IP for A1)" in dropped.stdout
+    assert "A1" not in cli("outbox", "list", "--config", str(config)).stdout
