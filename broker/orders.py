@@ -156,7 +156,6 @@ def apply_order(session: Session, order: Order, *, uid_root: str,
     item.patient = patient
     _fill_item(item, order.procedure)
     item.last_message_control_id = order.message_control_id
-    session.flush()
     log.info("order %s accession=%s msh10=%s", "created" if created else "updated",
              accession, order.message_control_id)
     return OrderResult(accession, ItemStatus(item.status), created=created,
