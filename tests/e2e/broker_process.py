@@ -66,6 +66,7 @@ def write_config(directory: Path, *, database_url: str | None = None, ris_port: 
 
 
 def start_broker(directory: Path, *extra_args: str, **config: object) -> BrokerProcess:
+    directory.mkdir(parents=True, exist_ok=True)
     config_path, dicom_port, hl7_port = write_config(directory, **config)  # type: ignore[arg-type]
     log_path = directory / "broker.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WLB_")}

@@ -200,3 +200,35 @@ def test_mapping_reloads_on_sighup_and_a_bad_edit_keeps_the_old_one(tmp_path):
                  what="the reload after a file change")
     finally:
         assert broker.stop() == 0
+
+
+def test_status_messages_survive_sigkill_and_arrive_in_order_after_restart(tmp_path):
+    import signal
+
+    database = f"sqlite:///{tmp_path / 'worklist.db'}"
+    down_ris = FakeRis(ack_code="AE")  # answers, but refuses everything: messages stay
+    first = start_broker(tmp_path / "one", database_url=database, ris_port=down_ris.port)
+    try:
+        with MllpClient("127.0.0.1", first.hl7_port) as client:
+            for n in (1, 2):
+                client.send(orm(accession=f"K{n}", control_id=f"K{n}").encode())
+        for n in (1, 2):
+            for action in ("in-progress", "completed"):
+                done = run_cli("mpps", action, "--accession", f"K{n}", "--port",
+                               str(first.dicom_port))
+                assert done.returncode == 0, done.stderr
+        down_ris.wait_for_messages(1)
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait(timeout=10)
+    finally:
+        down_ris.close()
+    ris = FakeRis()
+    second = start_broker(tmp_path / "two", database_url=database, ris_port=ris.port)
+    try:
+        messages = ris.wait_for_messages(4, timeout=30)
+        by_order = {a: [field_of(m, "ORC", 5) for m in messages if field_of(m, "OBR", 18) == a]
+                    for a in ("K1", "K2")}
+        assert by_order == {"K1": ["IP", "CM"], "K2": ["IP", "CM"]}
+    finally:
+        second.stop()
+        ris.close()
