@@ -160,6 +160,11 @@ def record_mpps_set(session: Session, request: MppsSet) -> MppsResult:
         record.attributes_json = _merged_json(record.attributes_json, request.attributes_json)
     if request.end is not None:
         record.end_datetime = request.end
+    if new_status is not MppsStatus.IN_PROGRESS and record.end_datetime is None:
+        # PS3.4 F.7.2.2 table F.7.2-1, "Final State" column: a step may only be completed or
+        # discontinued with its end date and time.
+        raise MppsError(PROCESSING_FAILURE, "PerformedProcedureStepEndDate and EndTime are "
+                        f"required to set {new_status}")
     accessions = tuple(item.accession_number for item in record.items)
     if new_status is not MppsStatus.IN_PROGRESS:
         record.status = new_status

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from sqlalchemy import select
 
@@ -18,6 +20,8 @@ from broker.domain import (
 from broker.errors import MppsError
 from broker.models import MPPSTracking, OutboxMessage, WorklistItem
 from broker.mpps import record_mpps_create, record_mpps_set
+
+END = dt.datetime(2026, 11, 29, 10, 30)
 
 
 def _orders(store, *accessions: str) -> None:
@@ -39,7 +43,7 @@ def _create(store, uid: str, *accessions: str) -> None:
 
 def _set(store, uid: str, status: str) -> None:
     with store.writing() as s:
-        record_mpps_set(s, MppsSet(uid, status))
+        record_mpps_set(s, MppsSet(uid, status, end=END))
 
 
 def _statuses(store) -> dict[str, str]:
@@ -105,3 +109,14 @@ def test_create_must_be_in_progress(store):
                                          (ScheduledStepRef(accession_number="A1"),)))
     assert info.value.status == 0x0106
     assert _statuses(store) == {"A1": ItemStatus.SCHEDULED}
+
+
+def test_final_state_needs_the_end_date_and_time(store):
+    _orders(store, "A1")
+    _create(store, "1.5.1", "A1")
+    with pytest.raises(MppsError) as info, store.writing() as s:
+        record_mpps_set(s, MppsSet("1.5.1", "COMPLETED"))
+    assert info.value.status == 0x0110 and "EndDate" in info.value.comment
+    assert _statuses(store) == {"A1": ItemStatus.IN_PROGRESS}
+    _set(store, "1.5.1", "DISCONTINUED")  # with the end: accepted
+    assert _statuses(store) == {"A1": ItemStatus.DISCONTINUED}

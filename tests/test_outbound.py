@@ -156,7 +156,7 @@ def _order_with_mpps_uid(store, accession: str, uid: str) -> None:
         record_mpps_create(s, MppsCreate(uid, "IN PROGRESS",
                                          (ScheduledStepRef(accession_number=accession),)))
     with store.writing() as s:
-        record_mpps_set(s, MppsSet(uid, "COMPLETED"))
+        record_mpps_set(s, MppsSet(uid, "COMPLETED", end=dt.datetime(2026, 11, 29, 11)))
 
 
 def test_reconnects_when_the_ris_closed_the_idle_connection(store):

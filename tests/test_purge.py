@@ -60,7 +60,7 @@ def test_separate_retention_per_status_and_pending_outbox_is_kept(store):
         record_mpps_create(s, MppsCreate("1.2.3.5", "IN PROGRESS",
                                          (ScheduledStepRef(accession_number="DONE"),)))
     with store.writing() as s:
-        record_mpps_set(s, MppsSet("1.2.3.5", "COMPLETED"))
+        record_mpps_set(s, MppsSet("1.2.3.5", "COMPLETED", end=NOW))
     with store.writing() as s:
         apply_order(s, Order(OrderControl.CANCEL, PatientData("P2"), ProcedureData("CANC")),
                     uid_root="1.2.3")

@@ -111,12 +111,29 @@ def _status(dataset: Dataset, *, required: bool) -> str | None:
     return status.upper()
 
 
+# PS3.4 F.7.2.1 table F.7.2-1: Type 1 for the SCU in N-CREATE (the status is checked first).
+_CREATE_TYPE_1 = ("ScheduledStepAttributesSequence", "PerformedProcedureStepID",
+                  "PerformedStationAETitle", "PerformedProcedureStepStartDate",
+                  "PerformedProcedureStepStartTime", "Modality")
+
+
+def _require(dataset: Dataset, keywords: tuple[str, ...]) -> None:
+    for keyword in keywords:
+        if keyword not in dataset:
+            raise MppsError(MISSING_ATTRIBUTE, f"{keyword} is required in N-CREATE")
+        value = dataset[keyword].value
+        if value is None or value == "" or (keyword.endswith("Sequence") and not value):
+            raise MppsError(MISSING_ATTRIBUTE_VALUE, f"{keyword} is empty")
+
+
 def create_request(dataset: Dataset, *, sop_instance_uid: str,
                    calling_ae_title: str | None = None) -> MppsCreate:
     """The core's N-CREATE request; raises :class:`MppsError` with the status to answer."""
+    status = _status(dataset, required=True) or ""
+    _require(dataset, _CREATE_TYPE_1)
     return MppsCreate(
         sop_instance_uid=sop_instance_uid,
-        status=_status(dataset, required=True) or "",
+        status=status,
         steps=_steps(dataset),
         start=_datetime(dataset, "PerformedProcedureStepStartDate",
                         "PerformedProcedureStepStartTime"),

@@ -122,6 +122,12 @@ def test_missing_or_invalid_attributes(running: Running):
     assert wrong.Status == 0x0106
 
     dataset.PerformedProcedureStepStatus = "IN PROGRESS"
+    modality = dataset.Modality
+    del dataset.Modality  # Type 1 in N-CREATE (PS3.4 table F.7.2-1)
+    no_modality = _raw_create(running.port, dataset, "1.2.826.0.1.3680043.10.1491.7.4")
+    assert (no_modality.Status, no_modality.ErrorComment) == (
+        0x0120, "Modality is required in N-CREATE")
+    dataset.Modality = modality
     dataset.PerformedProcedureStepStartDate = "yesterday"
     bad_date = _raw_create(running.port, dataset, "1.2.826.0.1.3680043.10.1491.7.3")
     assert bad_date.Status == 0x0106
