@@ -250,9 +250,44 @@ def _send(args: argparse.Namespace) -> int:
     return 0 if ack.code in ("AA", "CA") else EXIT_FAILURE
 
 
+def _mpps_show(args: argparse.Namespace) -> int:
+    from pydicom.dataset import Dataset
+    from sqlalchemy import select
+
+    from broker.app import open_store
+    from broker.models import MPPSTracking
+
+    uid = args.uid or args.target
+    if not uid:
+        raise CommandError("mpps show takes the MPPS SOP Instance UID")
+    config = _config(args)
+    store = open_store(config)
+    try:
+        with store.reading() as session:
+            record = session.scalars(select(MPPSTracking).where(
+                MPPSTracking.sop_instance_uid == uid)).one_or_none()
+            if record is None:
+                raise CommandError(f"no MPPS {uid}")
+            accessions = ", ".join(item.accession_number for item in record.items)
+            print(f"MPPS {record.sop_instance_uid}: {record.status}")
+            print(f"  started {record.start_datetime or '-'}, ended {record.end_datetime or '-'}")
+            print(f"  from {record.calling_ae_title or '-'} (station "
+                  f"{record.performed_station_ae_title or '-'})")
+            print(f"  orders: {accessions or 'none (unscheduled)'}")
+            if record.attributes_json:
+                print(Dataset.from_json(record.attributes_json))
+    finally:
+        store.dispose()
+    return 0
+
+
 def _mpps(args: argparse.Namespace) -> int:
     from broker.dicom.mpps_scu import MppsScuError, send_mpps
 
+    if args.action == "show":
+        return _mpps_show(args)
+    if not args.accession:
+        raise CommandError(f"mpps {args.action} needs --accession")
     try:
         outcome = send_mpps(args.action, accession=args.accession, host=args.host,
                             port=args.port, called_aet=args.aet, calling_aet=args.calling_aet,
@@ -318,9 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, default=30.0)
     send.set_defaults(func=_send)
 
-    mpps = commands.add_parser("mpps", help="act as a modality: send MPPS N-CREATE / N-SET")
-    mpps.add_argument("action", choices=["in-progress", "completed", "discontinued"])
-    mpps.add_argument("--accession", required=True, help="AccessionNumber of the order")
+    mpps = commands.add_parser("mpps", help="act as a modality (MPPS N-CREATE / N-SET), or "
+                               "show a stored MPPS")
+    mpps.add_argument("action", choices=["in-progress", "completed", "discontinued", "show"])
+    mpps.add_argument("target", nargs="?", help="show: the MPPS SOP Instance UID")
+    mpps.add_argument("--accession", help="AccessionNumber of the order (in-progress, ...)")
+    mpps.add_argument("--config", default="config/broker.yaml", help="show: config file")
     mpps.add_argument("--host", default="127.0.0.1")
     mpps.add_argument("--port", type=int, default=5243)
     mpps.add_argument("--aet", default="WORKLISTS", help="called AE title (default WORKLISTS)")

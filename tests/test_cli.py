@@ -65,3 +65,25 @@ def test_outbox_list_retry_drop(tmp_path, sqlite_store):
     dropped = cli("outbox", "drop", "1", "--config", str(config))
     assert dropped.returncode == 0 and "dropped message 1 (IP for A1)" in dropped.stdout
     assert "A1" not in cli("outbox", "list", "--config", str(config)).stdout
+
+
+def test_mpps_show_prints_the_stored_step(tmp_path, sqlite_store):
+    import json
+
+    with sqlite_store.writing() as s:
+        apply_order(s, Order(OrderControl.NEW, PatientData("P1"), ProcedureData("A1")),
+                    uid_root="1.2.3")
+    with sqlite_store.writing() as s:
+        record_mpps_create(s, MppsCreate(
+            "1.2.3.4", "IN PROGRESS", (ScheduledStepRef(accession_number="A1"),),
+            attributes_json=json.dumps({"00080060": {"vr": "CS", "Value": ["CT"]}})))
+    config = tmp_path / "broker.yaml"
+    config.write_text(yaml.safe_dump({"database": {"url": sqlite_store.url},
+                                      "mapping": str(REPO / "config" / "mapping.yaml")}))
+    shown = cli("mpps", "show", "1.2.3.4", "--config", str(config))
+    assert shown.returncode == 0, shown.stderr
+    assert "MPPS 1.2.3.4: IN PROGRESS" in shown.stdout and "orders: A1" in shown.stdout
+    assert "(0008,0060) Modality" in shown.stdout and "CT" in shown.stdout
+    missing = cli("mpps", "show", "9.9.9", "--config", str(config))
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "worklist-broker: error: no MPPS 9.9.9"
