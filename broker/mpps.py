@@ -47,7 +47,12 @@ _ITEM_STATUS = {
 
 
 def _linked_items(session: Session, steps: tuple[ScheduledStepRef, ...]) -> list[WorklistItem]:
-    """The items an MPPS reports on: by accession number, else by Study Instance UID."""
+    """The items an MPPS reports on (IHE RAD-6: the Scheduled Step Attributes Sequence).
+
+    By accession number, else by Study Instance UID; the requested procedure ID and SPS ID,
+    when the modality sends them, narrow a study down to its steps (but never to nothing: a
+    modality that echoes a stale SPS ID still reports on its study).
+    """
     found: dict[int, WorklistItem] = {}
     for step in steps:
         if step.accession_number:
@@ -58,7 +63,12 @@ def _linked_items(session: Session, steps: tuple[ScheduledStepRef, ...]) -> list
                 WorklistItem.study_instance_uid == step.study_instance_uid)
         else:
             continue
-        for item in session.scalars(query):
+        items = list(session.scalars(query))
+        narrowed = [item for item in items
+                    if (not step.sps_id or item.sps_id == step.sps_id)
+                    and (not step.requested_procedure_id
+                         or item.requested_procedure_id == step.requested_procedure_id)]
+        for item in narrowed or items:
             found.setdefault(item.id, item)
     return list(found.values())
 

@@ -120,3 +120,21 @@ def test_final_state_needs_the_end_date_and_time(store):
     assert _statuses(store) == {"A1": ItemStatus.IN_PROGRESS}
     _set(store, "1.5.1", "DISCONTINUED")  # with the end: accepted
     assert _statuses(store) == {"A1": ItemStatus.DISCONTINUED}
+
+
+def test_study_uid_link_is_narrowed_by_the_sps_id(store):
+    from broker.orders import apply_order
+
+    for accession, sps in (("S1", "SPS-A"), ("S2", "SPS-B")):
+        with store.writing() as s:
+            apply_order(s, Order(OrderControl.NEW, PatientData("P1"),
+                                 ProcedureData(accession, study_instance_uid="1.9.77",
+                                               sps_id=sps)), uid_root="1.2.3")
+    with store.writing() as s:
+        result = record_mpps_create(s, MppsCreate("1.5.3", "IN PROGRESS", (
+            ScheduledStepRef(study_instance_uid="1.9.77", sps_id="SPS-B"),)))
+    assert result.linked_accessions == ("S2",)
+    with store.writing() as s:
+        result = record_mpps_create(s, MppsCreate("1.5.4", "IN PROGRESS", (
+            ScheduledStepRef(study_instance_uid="1.9.77"),)))
+    assert sorted(result.linked_accessions) == ["S1", "S2"]
