@@ -186,6 +186,32 @@ def _printable(message: bytes) -> str:
     return message.decode("utf-8", errors="replace").replace("\r", "\n").rstrip("\n")
 
 
+def _worklist_files(args: argparse.Namespace) -> int:
+    from broker.app import open_store
+    from broker.dicom.wl_files import export_worklist, import_worklist
+
+    config = _config(args)
+    directory = Path(args.directory)
+    store = open_store(config)
+    try:
+        if args.command == "export-wl":
+            count = export_worklist(store, directory)
+            print(f"wrote {count} worklist files to {directory}")
+            return 0
+        if not directory.is_dir():
+            raise CommandError(f"no folder {directory}")
+        result = import_worklist(store, directory, uid_root=config.uid_root)
+    finally:
+        store.dispose()
+    print(f"imported {result.imported} worklist files from {directory}")
+    if result.with_unstored_attributes:
+        print(f"note: {result.with_unstored_attributes} of them carried attributes the broker "
+              "does not store (they are not kept)")
+    for name, reason in result.refused:
+        print(f"not imported: {name}: {reason}")
+    return 0 if not result.refused else EXIT_FAILURE
+
+
 def _mapping_test(args: argparse.Namespace) -> int:
     import datetime as dt
 
@@ -338,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     msgs.add_argument("--failed", action="store_true", help="list only refused messages")
     msgs.add_argument("--limit", type=int, default=100, help="list at most this many")
     msgs.set_defaults(func=_messages)
+
+    for name, text in (("import-wl", "import DICOM worklist files (*.wl) from a folder"),
+                       ("export-wl", "write the current worklist as DICOM worklist files")):
+        files = commands.add_parser(name, help=text)
+        files.add_argument("directory")
+        files.add_argument("--config", default="config/broker.yaml")
+        files.set_defaults(func=_worklist_files)
 
     test = commands.add_parser("mapping-test", help="show the worklist entry an HL7 file "
                                "would produce, without touching the database")
