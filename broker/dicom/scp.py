@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 from pydicom import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
     ModalityPerformedProcedureStep,
@@ -49,12 +49,43 @@ def _calling_ae(event: Event) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
+class _QuickAckSocket(socket.socket):
+    """A socket that acknowledges every segment at once (Linux TCP_QUICKACK).
+
+    Modalities (pynetdicom, DCMTK) send a C-FIND request as two small writes without
+    TCP_NODELAY: Nagle holds the second until the first is acknowledged, and a delayed ACK
+    waits ~40 ms. The kernel falls back to delayed ACKs after a while, so the option is set
+    again before every read.
+    """
+
+    __slots__ = ()
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        try:
+            self.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        except OSError:
+            pass
+        return super().recv(bufsize, flags)
+
+
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+_DUL_POLL_SECONDS = 0.0001
+
+
 def _on_conn_open(event: Event) -> None:
     # Each C-FIND response is a small PDU written right after the previous one; with Nagle's
     # algorithm and the peer's delayed ACK every query would wait ~40 ms.
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    dul = event.assoc.dul
+    if hasattr(dul, "_run_loop_delay"):
+        # pynetdicom's network thread sleeps this long whenever it finds nothing to do, so
+        # every queued C-FIND response waits up to its 1 ms default: 117 matches cost 130 ms.
+        # Associations are short-lived, so the finer polling costs little CPU.
+        dul._run_loop_delay = _DUL_POLL_SECONDS
+    sock = dul.socket.socket if dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if _TCP_QUICKACK is not None and type(sock) is socket.socket:
+            sock.__class__ = _QuickAckSocket
 
 
 def _on_echo(event: Event) -> int:
@@ -73,6 +104,10 @@ class DicomServer:
 
     @staticmethod
     def _build_ae(config: DicomConfig) -> AE:
+        # pynetdicom pretty-prints every request and response identifier for its debug log,
+        # whatever the log level: measured 1.1 ms of CPU per C-FIND response.
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+        _config.LOG_REQUEST_IDENTIFIERS = False
         ae = AE(ae_title=config.ae_title)
         # Default transfer syntaxes: implicit and explicit VR little endian (what findscu and
         # most modalities propose), deflated and big endian.

@@ -137,7 +137,8 @@ def _full_identifier() -> Dataset:
     step = Dataset()
     for keyword in ("Modality", "ScheduledStationAETitle", "ScheduledProcedureStepStartDate",
                     "ScheduledProcedureStepStartTime", "ScheduledProcedureStepID",
-                    "ScheduledProcedureStepDescription", "ScheduledProcedureStepStatus"):
+                    "ScheduledProcedureStepDescription", "ScheduledProcedureStepStatus",
+                    "ScheduledPerformingPhysicianName"):
         setattr(step, keyword, "")
     identifier.ScheduledProcedureStepSequence = [step]
     return identifier
@@ -153,6 +154,9 @@ def export_worklist(store: Store, directory: Path) -> int:
     identifier = _full_identifier()
     for row in rows:
         ds = render_response(identifier, row)
+        if not ds.get("RequestedProcedureCodeSequence"):
+            # An empty Type 1C sequence makes wlmscpfs ignore the whole file as incomplete.
+            del ds.RequestedProcedureCodeSequence
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = _MWL_FIND
         ds.file_meta.MediaStorageSOPInstanceUID = row.procedure.study_instance_uid or "1.2.3"
