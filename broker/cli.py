@@ -11,7 +11,8 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
@@ -22,6 +23,7 @@ from broker.config import BrokerConfig, load_config
 from broker.errors import BrokerError, ConfigError
 from broker.logs import configure_logging
 from broker.models import OUTBOX_STATES
+from broker.store import Store
 
 log = logging.getLogger("broker.cli")
 
@@ -37,6 +39,19 @@ def _config(args: argparse.Namespace) -> BrokerConfig:
     config = load_config(args.config)
     configure_logging(config.logging.level)
     return config
+
+
+@contextmanager
+def _store(args: argparse.Namespace) -> Iterator[tuple[BrokerConfig, Store]]:
+    """The configuration and an open store for one administrator command."""
+    from broker.app import open_store
+
+    config = _config(args)
+    store = open_store(config)
+    try:
+        yield config, store
+    finally:
+        store.dispose()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -75,15 +90,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _purge(args: argparse.Namespace) -> int:
-    from broker.app import open_store
     from broker.purge import purge
 
-    config = _config(args)
-    store = open_store(config)
-    try:
+    with _store(args) as (config, store):
         result = purge(store, retention=config.jobs.retention(), dry_run=args.dry_run)
-    finally:
-        store.dispose()
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb}: {result.worklist_items} worklist items, {result.mpps} MPPS records, "
           f"{result.patients} patients, {result.outbox} sent status messages, "
@@ -93,11 +103,8 @@ def _purge(args: argparse.Namespace) -> int:
 
 def _outbox(args: argparse.Namespace) -> int:
     from broker import outbox
-    from broker.app import open_store
 
-    config = _config(args)
-    store = open_store(config)
-    try:
+    with _store(args) as (_, store):
         if args.action == "list":
             with store.reading() as session:
                 rows = outbox.list_messages(session, args.state, args.limit)
@@ -124,17 +131,12 @@ def _outbox(args: argparse.Namespace) -> int:
             raise CommandError(f"outbox message {args.id} does not exist or was already sent")
         print(f"dropped message {args.id} ({dropped.event} for {dropped.accession_number})")
         return 0
-    finally:
-        store.dispose()
 
 
 def _messages(args: argparse.Namespace) -> int:
     from broker import inbound_log
-    from broker.app import open_store
 
-    config = _config(args)
-    store = open_store(config)
-    try:
+    with _store(args) as (config, store):
         if args.action == "list":
             with store.reading() as session:
                 rows = inbound_log.list_messages(session, failed_only=args.failed,
@@ -178,8 +180,6 @@ def _messages(args: argparse.Namespace) -> int:
             return 0
         print(_printable(reply))
         return 0 if parse_ack(reply).code in ("AA", "CA") else EXIT_FAILURE
-    finally:
-        store.dispose()
 
 
 def _printable(message: bytes) -> str:
@@ -187,13 +187,10 @@ def _printable(message: bytes) -> str:
 
 
 def _worklist_files(args: argparse.Namespace) -> int:
-    from broker.app import open_store
     from broker.dicom.wl_files import export_worklist, import_worklist
 
-    config = _config(args)
     directory = Path(args.directory)
-    store = open_store(config)
-    try:
+    with _store(args) as (config, store):
         if args.command == "export-wl":
             count = export_worklist(store, directory)
             print(f"wrote {count} worklist files to {directory}")
@@ -201,8 +198,6 @@ def _worklist_files(args: argparse.Namespace) -> int:
         if not directory.is_dir():
             raise CommandError(f"no folder {directory}")
         result = import_worklist(store, directory, uid_root=config.uid_root)
-    finally:
-        store.dispose()
     print(f"imported {result.imported} worklist files from {directory}")
     if result.with_unstored_attributes:
         print(f"note: {result.with_unstored_attributes} of them carried attributes the broker "
@@ -280,15 +275,12 @@ def _mpps_show(args: argparse.Namespace) -> int:
     from pydicom.dataset import Dataset
     from sqlalchemy import select
 
-    from broker.app import open_store
     from broker.models import MPPSTracking
 
     uid = args.uid or args.target
     if not uid:
         raise CommandError("mpps show takes the MPPS SOP Instance UID")
-    config = _config(args)
-    store = open_store(config)
-    try:
+    with _store(args) as (_, store):
         with store.reading() as session:
             record = session.scalars(select(MPPSTracking).where(
                 MPPSTracking.sop_instance_uid == uid)).one_or_none()
@@ -302,8 +294,6 @@ def _mpps_show(args: argparse.Namespace) -> int:
             print(f"  orders: {accessions or 'none (unscheduled)'}")
             if record.attributes_json:
                 print(Dataset.from_json(record.attributes_json))
-    finally:
-        store.dispose()
     return 0
 
 
