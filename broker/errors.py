@@ -49,10 +49,12 @@ class UnsupportedMessage(BrokerError):
 class MppsError(BrokerError):
     """An MPPS request the standard says must be refused, with the DICOM status to return."""
 
-    def __init__(self, status: int, comment: str) -> None:
+    def __init__(self, status: int, comment: str, error_id: int | None = None) -> None:
         super().__init__(comment)
         self.status = status
         self.comment = comment
+        # Error ID (0000,0903) where the standard names one.
+        self.error_id = error_id
 
 
 class ConfigError(BrokerError):

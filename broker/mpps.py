@@ -32,6 +32,7 @@ INVALID_ATTRIBUTE_VALUE = 0x0106
 PROCESSING_FAILURE = 0x0110
 DUPLICATE_SOP_INSTANCE = 0x0111
 NO_SUCH_SOP_INSTANCE = 0x0112
+NO_LONGER_UPDATABLE = 0xA710  # Error ID, with PROCESSING_FAILURE
 
 # ORC-5 order status (HL7 table 0038) the RIS receives for each MPPS state.
 _ORDER_STATUS = {
@@ -155,9 +156,11 @@ def record_mpps_set(session: Session, request: MppsSet) -> MppsResult:
     if record is None:
         raise MppsError(NO_SUCH_SOP_INSTANCE, f"no MPPS {request.sop_instance_uid}")
     if record.status != MppsStatus.IN_PROGRESS:
-        # PS3.4 F.7.2.2: once COMPLETED or DISCONTINUED the instance may no longer be updated.
+        # PS3.4 F.7.2.2: once COMPLETED or DISCONTINUED the instance may no longer be updated;
+        # the failure carries Error ID A710H with that text.
         raise MppsError(PROCESSING_FAILURE,
-                        "Performed Procedure Step Object may no longer be updated")
+                        "Performed Procedure Step Object may no longer be updated",
+                        error_id=NO_LONGER_UPDATABLE)
     new_status = MppsStatus.IN_PROGRESS
     if request.status is not None:
         try:

@@ -46,11 +46,14 @@ StatusType = int | Dataset
 Response = tuple[StatusType, Dataset | None]
 
 
-def failure(status: int, comment: str) -> Dataset:
-    """A status dataset the pynetdicom handlers return: the code and an Error Comment."""
+def failure(status: int, comment: str, error_id: int | None = None) -> Dataset:
+    """A status dataset the pynetdicom handlers return: the code, an Error Comment and, where
+    the standard names one, an Error ID."""
     result = Dataset()
     result.Status = status
     result.ErrorComment = comment[:_MAX_COMMENT]
+    if error_id is not None:
+        result.ErrorID = error_id
     return result
 
 
@@ -155,10 +158,10 @@ def set_request(dataset: Dataset, *, sop_instance_uid: str) -> MppsSet:
 
 
 def _refusal(operation: str, uid: str | None, calling_ae: str | None, status: int,
-             comment: str) -> Response:
+             comment: str, error_id: int | None = None) -> Response:
     log.warning("MPPS %s refused uid=%s calling_ae=%s status=0x%04X: %s", operation, uid,
                 calling_ae, status, comment)
-    return failure(status, comment), None
+    return failure(status, comment, error_id), None
 
 
 def _record(store: Store, operation: str, uid: str, calling_ae: str | None,
@@ -169,7 +172,7 @@ def _record(store: Store, operation: str, uid: str, calling_ae: str | None,
         with store.writing() as session:
             action(session)
     except MppsError as exc:
-        return _refusal(operation, uid, calling_ae, exc.status, exc.comment)
+        return _refusal(operation, uid, calling_ae, exc.status, exc.comment, exc.error_id)
     except IntegrityError as exc:
         if operation == "N-CREATE":
             # Two N-CREATEs of one instance raced past the duplicate check; the unique index

@@ -54,6 +54,7 @@ class MppsOutcome:
     status: int
     sop_instance_uid: str
     error_comment: str | None = None
+    error_id: int | None = None
 
 
 def mpps_uid_for(accession: str) -> str:
@@ -158,5 +159,7 @@ def send_mpps(action: MppsAction, *, accession: str, host: str, port: int,
         raise MppsScuError(f"no valid response from {called_aet} at {host}:{port} "
                            "(timeout or aborted association)")
     comment = status.get("ErrorComment")
+    error_id = status.get("ErrorID")
     return MppsOutcome(status=int(status.Status), sop_instance_uid=uid,
-                       error_comment=str(comment) if comment else None)
+                       error_comment=str(comment) if comment else None,
+                       error_id=int(error_id) if error_id is not None else None)

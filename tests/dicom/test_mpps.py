@@ -90,7 +90,8 @@ def test_refusals_carry_the_standard_status(running: Running):
 
     assert mpps(running, "completed", "ACC-MR-2").status == 0
     again = mpps(running, "discontinued", "ACC-MR-2")
-    assert again.status == 0x0110
+    assert (again.status, again.error_id) == (0x0110, 0xA710)
+    assert again.error_comment == "Performed Procedure Step Object may no longer be updated"
     assert item_status(running.store, "ACC-MR-2") == ItemStatus.COMPLETED
     assert outbox(running.store) == [("ACC-MR-2", "IP"), ("ACC-MR-2", "CM")]
 
