@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from broker.models import InboundMessage, InboundOutcome
+from broker.models import InboundMessage, InboundOutcome, utcnow
 
 
 def accepted_ack(session: Session, sender: str, control_id: str) -> bytes | None:
@@ -28,6 +28,17 @@ def record(session: Session, *, sender: str, control_id: str, message_type: str,
                            outcome=outcome, ack_code=ack_code, reason=reason, raw=raw, ack=ack)
     session.add(entry)
     return entry
+
+
+def record_accepted(session: Session, *, sender: str, control_id: str, message_type: str,
+                    accession_number: str | None, raw: bytes, ack: bytes) -> None:
+    """Log an accepted message, at once (a plain INSERT, not the ORM's unit of work): a resend
+    of an accepted MSH-10 from the same sender fails here on the unique index."""
+    session.execute(insert(InboundMessage).values(
+        received_at=utcnow(), sender=sender[:200], control_id=control_id[:200],
+        message_type=message_type[:20],
+        accession_number=(accession_number or None) and accession_number[:16],
+        outcome=InboundOutcome.ACCEPTED, ack_code="AA", reason=None, raw=raw, ack=ack))
 
 
 def list_messages(session: Session, *, failed_only: bool = False, limit: int = 100,

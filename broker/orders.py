@@ -127,8 +127,8 @@ def apply_order(session: Session, order: Order, *, uid_root: str,
         status = _status_change(item, order)
         item.status = status
         item.last_message_control_id = order.message_control_id
-        log.info("order %s accession=%s status=%s msh10=%s", order.control, accession, status,
-                 order.message_control_id)
+        log.debug("order %s accession=%s status=%s msh10=%s", order.control, accession, status,
+                  order.message_control_id)
         return OrderResult(accession, status, created=False,
                            study_instance_uid=item.study_instance_uid)
 
@@ -156,8 +156,9 @@ def apply_order(session: Session, order: Order, *, uid_root: str,
     item.patient = patient
     _fill_item(item, order.procedure)
     item.last_message_control_id = order.message_control_id
-    log.info("order %s accession=%s msh10=%s", "created" if created else "updated",
-             accession, order.message_control_id)
+    # DEBUG: the HL7 edge logs one INFO line per message already.
+    log.debug("order %s accession=%s msh10=%s", "created" if created else "updated",
+              accession, order.message_control_id)
     return OrderResult(accession, ItemStatus(item.status), created=created,
                        study_instance_uid=item.study_instance_uid)
 

@@ -8,6 +8,8 @@ listener: a message the broker cannot take never stops it from serving the next 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -60,6 +62,14 @@ def _wanted(msg: ParsedMessage, ack: bytes) -> bytes | None:
             condition == "SU" and not success):
         return None
     return ack
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A message's effect, computed before the transaction: run ``apply`` inside it."""
+
+    apply: Callable[[Session], str]
+    accession: str | None = None
 
 
 class OrderMessageHandler:
@@ -135,23 +145,25 @@ class OrderMessageHandler:
     def _apply(self, msg: ParsedMessage, raw: bytes) -> bytes:
         sender = self._sender(msg)
         try:
+            plan = self._plan(msg)
+        except (InvalidOrder, UnsupportedMessage):
+            # A resend of a message accepted under an older mapping still gets its ACK.
+            previous = self._previous_ack(sender, msg)
+            if previous is not None:
+                return previous
+            raise
+        ack = self._ack(msg, "AA")
+        try:
             with self.store.writing() as session:
-                previous = inbound_log.accepted_ack(session, sender, msg.control_id)
-                if previous is not None:
-                    self._log(msg, "AA", "resend of a message already accepted; answered with "
-                              "the original ACK, nothing changed")
-                    return previous
-                detail, accession = self._dispatch(session, msg)
-                ack = self._ack(msg, "AA")
-                inbound_log.record(session, sender=sender, control_id=msg.control_id,
-                                   message_type=f"{msg.message_type}^{msg.trigger_event}",
-                                   accession_number=accession,
-                                   outcome=InboundOutcome.ACCEPTED, ack_code="AA", reason=None,
-                                   raw=raw, ack=ack)
+                # First, so that a resend fails at once on the unique index (no look-up
+                # before every message) and nothing else of it is applied.
+                inbound_log.record_accepted(
+                    session, sender=sender, control_id=msg.control_id,
+                    message_type=f"{msg.message_type}^{msg.trigger_event}",
+                    accession_number=plan.accession, raw=raw, ack=ack)
+                detail = plan.apply(session)
         except IntegrityError:
-            # Two copies of one resend raced (PostgreSQL): the other one committed first.
-            with self.store.reading() as session:
-                previous = inbound_log.accepted_ack(session, sender, msg.control_id)
+            previous = self._previous_ack(sender, msg)
             if previous is None:
                 raise
             return previous
@@ -159,39 +171,62 @@ class OrderMessageHandler:
         self._log(msg, "AA", detail)
         return ack
 
-    def _dispatch(self, session: Session, msg: ParsedMessage) -> tuple[str, str | None]:
-        """Apply the message in the caller's transaction; returns (log detail, accession)."""
+    def _previous_ack(self, sender: str, msg: ParsedMessage) -> bytes | None:
+        with self.store.reading() as session:
+            previous = inbound_log.accepted_ack(session, sender, msg.control_id)
+        if previous is not None:
+            self._log(msg, "AA", "resend of a message already accepted; answered with the "
+                      "original ACK, nothing changed")
+        return previous
+
+    def _plan(self, msg: ParsedMessage) -> _Plan:
+        """What the message will do, read without touching the database."""
         kind = (msg.message_type, msg.trigger_event)
         if kind in _ORDERS:
-            results = apply_orders(session, self.mapping.to_orders(msg),
-                                   uid_root=self.uid_root, existing=self.existing_order)
-            detail = ", ".join(f"accession={r.accession_number} status={r.status}"
-                               for r in results)
-            return detail, results[0].accession_number if results else None
+            orders = self.mapping.to_orders(msg)
+
+            def apply(session: Session) -> str:
+                results = apply_orders(session, orders, uid_root=self.uid_root,
+                                       existing=self.existing_order)
+                return ", ".join(f"accession={r.accession_number} status={r.status}"
+                                 for r in results)
+
+            accession = orders[0].procedure.accession_number if orders else None
+            return _Plan(apply, accession)
         if msg.message_type == "ADT":
-            return self._adt(session, msg), None
+            return self._adt_plan(msg)
         known_type = any(msg.message_type == t for t, _ in _ORDERS)
         raise UnsupportedMessage(
             f"message type {msg.message_type}^{msg.trigger_event} is not supported "
             "(ORM^O01, OMI^O23, ADT)", location="MSH-9",
             code=UNSUPPORTED_EVENT if known_type else UNSUPPORTED_MESSAGE_TYPE)
 
-    def _adt(self, session: Session, msg: ParsedMessage) -> str:
+    def _adt_plan(self, msg: ParsedMessage) -> _Plan:
         event = msg.trigger_event
         if event in _PATIENT_UPDATES:
-            result = update_patient(session, self.mapping.to_patient(msg))
-            return f"ADT^{event} patient {'updated' if result.found else 'unknown, ignored'}"
+            patient = self.mapping.to_patient(msg)
+
+            def update(session: Session) -> str:
+                result = update_patient(session, patient)
+                return f"ADT^{event} patient {'updated' if result.found else 'unknown, ignored'}"
+
+            return _Plan(update)
         if event in _PATIENT_MERGES or event in _IDENTIFIER_CHANGES:
             old_id = msg.get(MERGE_PATIENT_ID_PATH)
             if not old_id:
                 raise InvalidOrder("MRG-1 prior patient identifier is required",
                                    location="MRG-1", code="101")
-            result = merge_patient(session, PatientMerge(
-                self.mapping.to_patient(msg), old_id,
-                change_identifier_only=event in _IDENTIFIER_CHANGES))
-            return f"ADT^{event} merged, {result.items_moved} worklist items moved"
+            merge = PatientMerge(self.mapping.to_patient(msg), old_id,
+                                 change_identifier_only=event in _IDENTIFIER_CHANGES)
+
+            def merged(session: Session) -> str:
+                result = merge_patient(session, merge)
+                return f"ADT^{event} merged, {result.items_moved} worklist items moved"
+
+            return _Plan(merged)
         # Admissions, transfers, discharges...: nothing on the worklist depends on them.
-        return f"ADT^{event} acknowledged and ignored (no worklist effect)"
+        return _Plan(lambda _session: f"ADT^{event} acknowledged and ignored "
+                     "(no worklist effect)")
 
     def _refuse(self, msg: ParsedMessage, raw: bytes, code: str, reason: str,
                 error: ErrorDetail) -> bytes:
