@@ -36,6 +36,19 @@ class DatabaseConfig(_Section):
     pool_size: int = Field(20, ge=1, le=500)
 
 
+class ModalityConfig(_Section):
+    """What one calling AE title (one modality) sees of the worklist."""
+
+    # Only items scheduled on this station (ScheduledStationAETitle = the calling AE title)...
+    only_own_items: bool = False
+    # ...or, for items the RIS sent without a station, of this modality.
+    modality: str | None = Field(None, min_length=1, max_length=16)
+
+
+WorklistStatus = Literal["SCHEDULED", "IN PROGRESS", "COMPLETED", "DISCONTINUED", "CANCELLED",
+                         "HELD"]
+
+
 class DicomConfig(_Section):
     ae_title: str = Field("WORKLISTS", min_length=1, max_length=16)
     host: str = "0.0.0.0"
@@ -45,6 +58,9 @@ class DicomConfig(_Section):
     # Calling AE titles allowed to associate; an empty list accepts any modality.
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)
     max_matches: int = Field(1000, ge=1)
+    visible_statuses: list[WorklistStatus] = Field(
+        default_factory=lambda: ["SCHEDULED", "IN PROGRESS"], min_length=1)
+    modalities: dict[str, ModalityConfig] = Field(default_factory=dict)
 
     @field_validator("ae_title")
     @classmethod

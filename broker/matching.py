@@ -82,6 +82,10 @@ class WorklistQuery:
     limit: int = DEFAULT_LIMIT
     # PS3.4 C.2.2.2.1 lets PN matching ignore case; modalities type names in any case.
     names_case_sensitive: bool = False
+    # Site policy for one modality: only items of this station, or (when the RIS sent no
+    # station) of this modality. Not a matching key: applied whatever the query asks.
+    scope_station: str | None = None
+    scope_modality: str | None = None
 
 
 Column = InstrumentedAttribute[Any]
@@ -355,6 +359,12 @@ def conditions(query: WorklistQuery, dialect: str) -> list[Condition]:
     uid = match_uid_list(WorklistItem.study_instance_uid, query.study_instance_uid)
     if uid is not None:
         found.append(uid)
+    if query.scope_station is not None:
+        own: Condition = WorklistItem.scheduled_station_ae_title == query.scope_station
+        if query.scope_modality is not None:
+            own = or_(own, (WorklistItem.scheduled_station_ae_title.is_(None)
+                            & (WorklistItem.modality == query.scope_modality)))
+        found.append(own)
     if query.scheduled_start_date:
         low, high = start_interval(query.scheduled_start_date, query.scheduled_start_time)
         if low is not None:

@@ -12,6 +12,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 from pydicom import Dataset
 from pynetdicom import AE, _config, evt
@@ -27,7 +28,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from broker.config import DicomConfig
 from broker.dicom import mpps
 from broker.dicom.worklist import query_from_identifier, response_renderer
-from broker.matching import InvalidQuery, find_worklist
+from broker.domain import VISIBLE_STATUSES, ItemStatus
+from broker.matching import InvalidQuery, WorklistQuery, find_worklist
 from broker.store import Store
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ class DicomServer:
     def __init__(self, config: DicomConfig, store: Store) -> None:
         self._config = config
         self._store = store
+        self._visible = tuple(ItemStatus(status) for status in config.visible_statuses)
         self._ae = self._build_ae(config)
         self._server: ThreadedAssociationServer | None = None
         self._bound_port: int | None = None
@@ -180,7 +183,9 @@ class DicomServer:
         try:
             try:
                 identifier = event.identifier
-                query = query_from_identifier(identifier, max_matches=self._config.max_matches)
+                query = self._site_policy(
+                    query_from_identifier(identifier, max_matches=self._config.max_matches),
+                    calling_ae)
                 render = response_renderer(identifier)
             except Exception as exc:
                 outcome = "undecodable"
@@ -226,6 +231,18 @@ class DicomServer:
         finally:
             log.info("C-FIND calling_ae=%s matches=%d sent=%d outcome=%s ms=%.1f", calling_ae,
                      matches, sent, outcome, (time.perf_counter() - started) * 1000)
+
+    def _site_policy(self, query: WorklistQuery, calling_ae: str) -> WorklistQuery:
+        """The configured statuses (unless the query asks for some) and the calling
+        modality's scope."""
+        changes: dict[str, object] = {}
+        if query.statuses == VISIBLE_STATUSES:
+            changes["statuses"] = self._visible
+        modality = self._config.modalities.get(calling_ae)
+        if modality is not None and modality.only_own_items:
+            changes["scope_station"] = calling_ae
+            changes["scope_modality"] = modality.modality
+        return replace(query, **changes) if changes else query
 
     # --- MPPS -----------------------------------------------------------------------
 

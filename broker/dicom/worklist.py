@@ -172,7 +172,7 @@ def _row_attributes(row: WorklistRow) -> dict[int, Any]:
         SPS_START_TIME: start.strftime("%H%M%S") if start is not None else None,
         SPS_ID: procedure.sps_id,
         SPS_DESCRIPTION: procedure.sps_description,
-        SPS_STATUS: SPS_STATUS_TERMS[row.status],
+        SPS_STATUS: SPS_STATUS_TERMS.get(row.status),  # HELD has no DICOM term: empty
         PERFORMING_PHYSICIAN: None,
     }
     codes = []

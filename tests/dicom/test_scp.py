@@ -283,3 +283,48 @@ def test_changed_order_is_seen_at_the_next_poll(running: Running, tmp_path):
     rows = findscu(running.port, "(0040,0100)[0].Modality=MR", "AccessionNumber",
                    out_dir=tmp_path)
     assert [r.AccessionNumber for r in rows] == ["ACC-MR-1"]
+
+
+def test_site_policy_scopes_a_modality_and_sets_visible_statuses(tmp_path):
+    import datetime as dt
+
+    from broker.config import DicomConfig, ModalityConfig
+    from broker.dicom.scp import DicomServer
+    from broker.domain import Order, OrderControl, PatientData, ProcedureData
+    from broker.orders import apply_order
+    from broker.store import Store
+    from tests.dicom.scu import find
+    from tests.support import free_port
+
+    store = Store(f"sqlite:///{tmp_path / 'w.db'}")
+    store.create_schema()
+    start = dt.datetime(2026, 11, 29, 9)
+    for accession, station, modality in (("OWN", "CT_ROOM1", "CT"), ("OTHER", "CT_ROOM2", "CT"),
+                                         ("NOSTATION", None, "CT"), ("MR", None, "MR")):
+        with store.writing() as s:
+            apply_order(s, Order(OrderControl.NEW, PatientData("P1"), ProcedureData(
+                accession, modality=modality, scheduled_station_ae_title=station,
+                scheduled_start=start)), uid_root="1.2.3")
+    config = DicomConfig(host="127.0.0.1", port=free_port(),
+                         visible_statuses=["SCHEDULED", "HELD"],
+                         modalities={"CT_ROOM1": ModalityConfig(only_own_items=True,
+                                                                modality="CT")})
+    server = DicomServer(config, store)
+    server.start()
+    try:
+        query = Dataset()
+        query.AccessionNumber = ""
+
+        def accessions(calling_aet: str) -> list[str]:
+            result = find(server.port, query, calling_aet=calling_aet)
+            return sorted(ds.AccessionNumber for ds in result.identifiers)
+
+        assert accessions("CT_ROOM1") == ["NOSTATION", "OWN"]
+        assert accessions("ANY_OTHER") == ["MR", "NOSTATION", "OTHER", "OWN"]
+        with store.writing() as s:
+            apply_order(s, Order(OrderControl.HOLD, PatientData("P1"), ProcedureData("MR")),
+                        uid_root="1.2.3")
+        assert "MR" in accessions("ANY_OTHER")  # HELD is visible by this site's choice
+    finally:
+        server.stop()
+        store.dispose()
