@@ -43,6 +43,9 @@ class ModalityConfig(_Section):
     only_own_items: bool = False
     # ...or, for items the RIS sent without a station, of this modality.
     modality: str | None = Field(None, min_length=1, max_length=16)
+    # Specific Character Set of this modality's responses (default: ISO_IR 192, UTF-8);
+    # checked against the sets the DICOM edge knows when it starts.
+    character_set: str | None = None
 
 
 WorklistStatus = Literal["SCHEDULED", "IN PROGRESS", "COMPLETED", "DISCONTINUED", "CANCELLED",
@@ -61,6 +64,9 @@ class DicomConfig(_Section):
     visible_statuses: list[WorklistStatus] = Field(
         default_factory=lambda: ["SCHEDULED", "IN PROGRESS"], min_length=1)
     modalities: dict[str, ModalityConfig] = Field(default_factory=dict)
+    # A character a modality's character set cannot hold: "transliterate" (drop accents,
+    # then "?") or "replace" (always "?").
+    unencodable: Literal["transliterate", "replace"] = "transliterate"
 
     @field_validator("ae_title")
     @classmethod

@@ -27,8 +27,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from broker.config import DicomConfig
 from broker.dicom import mpps
+from broker.dicom.charsets import codec_for, recode
 from broker.dicom.worklist import query_from_identifier, response_renderer
 from broker.domain import VISIBLE_STATUSES, ItemStatus
+from broker.errors import ConfigError
 from broker.matching import InvalidQuery, WorklistQuery, find_worklist
 from broker.store import Store
 
@@ -101,6 +103,13 @@ class DicomServer:
         self._config = config
         self._store = store
         self._visible = tuple(ItemStatus(status) for status in config.visible_statuses)
+        for calling_ae, modality in config.modalities.items():
+            if modality.character_set is not None:
+                try:
+                    codec_for(modality.character_set)
+                except ValueError as exc:
+                    raise ConfigError(f"dicom.modalities.{calling_ae}.character_set: {exc}"
+                                      ) from None
         self._ae = self._build_ae(config)
         self._server: ThreadedAssociationServer | None = None
         self._bound_port: int | None = None
@@ -183,6 +192,8 @@ class DicomServer:
         try:
             try:
                 identifier = event.identifier
+                modality = self._config.modalities.get(calling_ae)
+                character_set = modality.character_set if modality is not None else None
                 query = self._site_policy(
                     query_from_identifier(identifier, max_matches=self._config.max_matches),
                     calling_ae)
@@ -220,6 +231,8 @@ class DicomServer:
                     return
                 try:
                     response = render(row)
+                    if character_set is not None:
+                        recode(response, character_set, self._config.unencodable)
                 except Exception:
                     outcome = "failed"
                     log.exception("C-FIND from %s: cannot render accession %s", calling_ae,

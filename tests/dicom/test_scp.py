@@ -328,3 +328,51 @@ def test_site_policy_scopes_a_modality_and_sets_visible_statuses(tmp_path):
     finally:
         server.stop()
         store.dispose()
+
+
+def test_per_modality_character_set_with_transliteration(tmp_path):
+    import datetime as dt
+
+    import pytest
+
+    from broker.config import DicomConfig, ModalityConfig
+    from broker.dicom.scp import DicomServer
+    from broker.domain import Order, OrderControl, PatientData, ProcedureData
+    from broker.errors import ConfigError
+    from broker.orders import apply_order
+    from broker.store import Store
+    from tests.dicom.scu import find
+    from tests.support import free_port
+
+    store = Store(f"sqlite:///{tmp_path / 'w.db'}")
+    store.create_schema()
+    with store.writing() as s:
+        apply_order(s, Order(OrderControl.NEW, PatientData("P1", patient_name="ŁUKASZ^ZOË"),
+                             ProcedureData("A1", modality="CR",
+                                           scheduled_start=dt.datetime(2026, 11, 29, 9))),
+                    uid_root="1.2.3")
+    modalities = {"OLD_CR": ModalityConfig(character_set="ISO_IR 100"),
+                  "OLDER_CR": ModalityConfig(character_set="ISO_IR 6")}
+    server = DicomServer(DicomConfig(host="127.0.0.1", port=free_port(),
+                                     modalities=modalities), store)
+    server.start()
+    try:
+        query = Dataset()
+        query.PatientName = ""
+
+        def answer(calling_aet: str) -> Dataset:
+            return find(server.port, query, calling_aet=calling_aet).identifiers[0]
+
+        latin1 = answer("OLD_CR")
+        # ë exists in Latin-1 and stays; Ł does not and becomes L.
+        assert (latin1.SpecificCharacterSet, str(latin1.PatientName)) == (
+            "ISO_IR 100", "LUKASZ^ZOË")
+        assert str(answer("OLDER_CR").PatientName) == "LUKASZ^ZOE"
+        utf8 = answer("MODERN")
+        assert (utf8.SpecificCharacterSet, str(utf8.PatientName)) == ("ISO_IR 192", "ŁUKASZ^ZOË")
+    finally:
+        server.stop()
+        store.dispose()
+    bad = DicomConfig(modalities={"X": ModalityConfig(character_set="ISO_IR 999")})
+    with pytest.raises(ConfigError, match=r"dicom.modalities.X.character_set"):
+        DicomServer(bad, store)
