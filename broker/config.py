@@ -67,6 +67,8 @@ class DicomConfig(_Section):
     # A character a modality's character set cannot hold: "transliterate" (drop accents,
     # then "?") or "replace" (always "?").
     unencodable: Literal["transliterate", "replace"] = "transliterate"
+    # A query with no date and no identifying key gets today +/- this many days (None: off).
+    universal_query_days: int | None = Field(None, ge=0, le=3650)
 
     @field_validator("ae_title")
     @classmethod

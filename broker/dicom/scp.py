@@ -8,6 +8,7 @@ reads its matches slowly must not hold a pooled connection while 40 others poll.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import socket
 import time
@@ -37,6 +38,10 @@ from broker.store import Store
 log = logging.getLogger(__name__)
 
 # C-FIND statuses (PS3.4 K.4.1.1.4 table K.4-1, PS3.7 C).
+# Keys that pick out a patient or an order: a query with one of them is no "universal" query.
+_IDENTIFYING_KEYS = ("accession_number", "patient_id", "patient_name", "study_instance_uid",
+                     "requested_procedure_id", "sps_id")
+
 PENDING = 0xFF00
 CANCEL = 0xFE00
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
@@ -251,6 +256,12 @@ class DicomServer:
         changes: dict[str, object] = {}
         if query.statuses == VISIBLE_STATUSES:
             changes["statuses"] = self._visible
+        days = self._config.universal_query_days
+        if days is not None and not query.scheduled_start_date and not any(
+                getattr(query, key) for key in _IDENTIFYING_KEYS):
+            # Some modalities poll with no key at all; a year of history is not their worklist.
+            today, span = dt.date.today(), dt.timedelta(days=days)
+            changes["scheduled_start_date"] = f"{today - span:%Y%m%d}-{today + span:%Y%m%d}"
         modality = self._config.modalities.get(calling_ae)
         if modality is not None and modality.only_own_items:
             changes["scope_station"] = calling_ae

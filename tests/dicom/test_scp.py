@@ -376,3 +376,39 @@ def test_per_modality_character_set_with_transliteration(tmp_path):
     bad = DicomConfig(modalities={"X": ModalityConfig(character_set="ISO_IR 999")})
     with pytest.raises(ConfigError, match=r"dicom.modalities.X.character_set"):
         DicomServer(bad, store)
+
+
+def test_universal_query_window(tmp_path):
+    import datetime as dt
+
+    from broker.config import DicomConfig
+    from broker.dicom.scp import DicomServer
+    from broker.domain import Order, OrderControl, PatientData, ProcedureData
+    from broker.orders import apply_order
+    from broker.store import Store
+    from tests.dicom.scu import find
+    from tests.support import free_port
+
+    store = Store(f"sqlite:///{tmp_path / 'w.db'}")
+    store.create_schema()
+    now = dt.datetime.combine(dt.date.today(), dt.time(9))
+    for accession, days in (("TODAY", 0), ("LASTYEAR", -365), ("NEXTWEEK", 7)):
+        with store.writing() as s:
+            apply_order(s, Order(OrderControl.NEW, PatientData("P1"), ProcedureData(
+                accession, modality="CT", scheduled_start=now + dt.timedelta(days=days))),
+                uid_root="1.2.3")
+    server = DicomServer(DicomConfig(host="127.0.0.1", port=free_port(),
+                                     universal_query_days=1), store)
+    server.start()
+    try:
+        universal = Dataset()
+        universal.AccessionNumber = ""
+        assert [d.AccessionNumber for d in find(server.port, universal).identifiers] == [
+            "TODAY"]
+        identifying = Dataset()
+        identifying.AccessionNumber = "LASTYEAR"
+        assert [d.AccessionNumber for d in find(server.port, identifying).identifiers] == [
+            "LASTYEAR"]
+    finally:
+        server.stop()
+        store.dispose()
