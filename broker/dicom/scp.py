@@ -78,18 +78,12 @@ class _QuickAckSocket(socket.socket):
 
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-_DUL_POLL_SECONDS = 0.0001
 
 
 def _on_conn_open(event: Event) -> None:
     # Each C-FIND response is a small PDU written right after the previous one; with Nagle's
     # algorithm and the peer's delayed ACK every query would wait ~40 ms.
     dul = event.assoc.dul
-    if hasattr(dul, "_run_loop_delay"):
-        # pynetdicom's network thread sleeps this long whenever it finds nothing to do, so
-        # every queued C-FIND response waits up to its 1 ms default: 117 matches cost 130 ms.
-        # Associations are short-lived, so the finer polling costs little CPU.
-        dul._run_loop_delay = _DUL_POLL_SECONDS
     sock = dul.socket.socket if dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
