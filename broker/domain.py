@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class ItemStatus(enum.StrEnum):
@@ -159,4 +159,3 @@ class StatusEvent:
     requested_procedure_code_meaning: str | None = None
     mpps_sop_instance_uid: str | None = None
     event_time: dt.datetime | None = None
-    extra: dict[str, str] = field(default_factory=dict)

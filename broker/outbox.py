@@ -105,10 +105,6 @@ def deliverable(session: Session, limit: int, now: dt.datetime | None = None,
     return list(session.scalars(query))
 
 
-# The name the walking skeleton used; kept for callers that want "what is due".
-pending = deliverable
-
-
 def mark_sent(session: Session, message_id: int) -> None:
     message = session.get(OutboxMessage, message_id)
     if message is not None:

@@ -116,12 +116,9 @@ def _batched_delete(store: Store, ids: Select[tuple[int]], delete_batch: DeleteB
     return total
 
 
-def purge(store: Store, *, retention: Retention | None = None, retention_days: int | None = None,
-          now: dt.datetime | None = None, dry_run: bool = False) -> PurgeResult:
+def purge(store: Store, *, retention: Retention, now: dt.datetime | None = None,
+          dry_run: bool = False) -> PurgeResult:
     """Apply the retention rules once; with ``dry_run`` only count what would be deleted."""
-    if retention is None:
-        days = retention_days or 30
-        retention = Retention(days, days, days, days, days, days)
     now = now or utcnow()
     items = _expired_items(retention, now)
     if dry_run:

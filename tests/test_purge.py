@@ -15,7 +15,7 @@ from broker.domain import (
 from broker.models import MPPSTracking, Patient, WorklistItem
 from broker.mpps import record_mpps_create
 from broker.orders import apply_order
-from broker.purge import purge
+from broker.purge import Retention, purge
 
 NOW = dt.datetime(2026, 11, 29, 12, 0)
 
@@ -35,11 +35,11 @@ def test_purge_deletes_expired_items_with_their_mpps_and_orphan_patients(store):
     with store.writing() as s:
         record_mpps_create(s, MppsCreate("1.2.3.4", "IN PROGRESS",
                                          (ScheduledStepRef(accession_number="OLD1"),)))
-    dry = purge(store, retention_days=30, now=NOW, dry_run=True)
+    dry = purge(store, retention=Retention(), now=NOW, dry_run=True)
     assert (dry.worklist_items, dry.mpps) == (2, 1)
     with store.reading() as s:
         assert s.scalar(select(func.count(WorklistItem.id))) == 3  # dry run changed nothing
-    result = purge(store, retention_days=30, now=NOW)
+    result = purge(store, retention=Retention(), now=NOW)
     assert (result.worklist_items, result.mpps, result.patients) == (2, 1, 1)
     with store.reading() as s:
         assert list(s.scalars(select(WorklistItem.accession_number))) == ["NEW1"]
@@ -51,7 +51,6 @@ def test_separate_retention_per_status_and_pending_outbox_is_kept(store):
     from broker.domain import MppsSet
     from broker.models import OutboxMessage
     from broker.mpps import record_mpps_set
-    from broker.purge import Retention
 
     _add(store, "DONE", "P1", 10)
     _add(store, "CANC", "P2", 10)
