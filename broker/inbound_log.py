@@ -30,15 +30,21 @@ def record(session: Session, *, sender: str, control_id: str, message_type: str,
     return entry
 
 
+# Built once, on the table rather than the entity: every accepted message runs it, and an
+# ORM-enabled insert with inline values re-derives its cache key on each call.
+_INSERT_ACCEPTED = insert(InboundMessage.__table__)
+
+
 def record_accepted(session: Session, *, sender: str, control_id: str, message_type: str,
                     accession_number: str | None, raw: bytes, ack: bytes) -> None:
     """Log an accepted message, at once (a plain INSERT, not the ORM's unit of work): a resend
     of an accepted MSH-10 from the same sender fails here on the unique index."""
-    session.execute(insert(InboundMessage).values(
-        received_at=utcnow(), sender=sender[:200], control_id=control_id[:200],
-        message_type=message_type[:20],
-        accession_number=(accession_number or None) and accession_number[:16],
-        outcome=InboundOutcome.ACCEPTED, ack_code="AA", reason=None, raw=raw, ack=ack))
+    session.execute(_INSERT_ACCEPTED, {
+        "received_at": utcnow(), "sender": sender[:200], "control_id": control_id[:200],
+        "message_type": message_type[:20],
+        "accession_number": (accession_number or None) and accession_number[:16],
+        "outcome": InboundOutcome.ACCEPTED, "ack_code": "AA", "reason": None, "raw": raw,
+        "ack": ack})
 
 
 def list_messages(session: Session, *, failed_only: bool = False, limit: int = 100,

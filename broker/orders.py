@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from broker.domain import (
@@ -42,9 +42,16 @@ def _check_keys(order: Order) -> None:
                            code="102")
 
 
+# Built once: an order runs both look-ups, and building a statement per call costs more than
+# the indexed read itself.
+_PATIENT_BY_ID = select(Patient).where(Patient.patient_id == bindparam("patient_id"))
+_ITEM_BY_ACCESSION = select(WorklistItem).where(
+    WorklistItem.accession_number == bindparam("accession"))
+
+
 def _upsert_patient(session: Session, data: PatientData) -> Patient:
-    patient = session.scalars(
-        select(Patient).where(Patient.patient_id == data.patient_id)).one_or_none()
+    patient = session.scalars(_PATIENT_BY_ID,
+                              {"patient_id": data.patient_id}).one_or_none()
     if patient is None:
         patient = Patient(patient_id=data.patient_id)
         session.add(patient)
@@ -67,8 +74,7 @@ def _fill_item(item: WorklistItem, data: ProcedureData) -> None:
 
 
 def _find_item(session: Session, accession: str) -> WorklistItem | None:
-    return session.scalars(
-        select(WorklistItem).where(WorklistItem.accession_number == accession)).one_or_none()
+    return session.scalars(_ITEM_BY_ACCESSION, {"accession": accession}).one_or_none()
 
 
 # ORC-5 order status (HL7 table 0038) of an SC message -> the item's status.
