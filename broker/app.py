@@ -20,7 +20,7 @@ from broker.dicom.scp import DicomServer
 from broker.errors import ConfigError
 from broker.purge import purge
 from broker.store import Store
-from hl7_listener.handler import OrderMessageHandler
+from hl7_listener.handler import handler_from_config
 from hl7_listener.mapping import load_mapping
 from hl7_listener.outbound import OutboundSender
 from hl7_listener.samples import load_samples
@@ -55,18 +55,14 @@ class Broker:
         self.config = config
         self.store = open_store(config)
         self._mapping_stamp = _stamp(config.mapping)
-        self.handler = OrderMessageHandler(
-            self.store, load_mapping(config.mapping), uid_root=config.uid_root,
-            sending_application=config.hl7.sending_application,
-            sending_facility=config.hl7.sending_facility,
-            existing_order=config.hl7.existing_order,
-            charset_fallback=config.hl7.charset_fallback or None)
+        self.handler = handler_from_config(self.store, config)
         self.mllp = MllpServer(
             self.handler, host=config.hl7.host, port=config.hl7.port,
             max_connections=config.hl7.max_connections,
             idle_timeout=config.hl7.idle_timeout_seconds,
             max_message_bytes=config.hl7.max_message_bytes)
-        self.dicom = DicomServer(config.dicom, self.store)
+        self.dicom = DicomServer(config.dicom, self.store,
+                                 reporting=config.ris.status_messages.reporting())
         self.outbound = OutboundSender(self.store, config.ris, config.hl7,
                                        batch_size=config.jobs.outbound_batch_size)
         self.scheduler = BackgroundScheduler()

@@ -164,16 +164,10 @@ def _messages(args: argparse.Namespace) -> int:
             print(_printable(ack))
             return 0
         # Replay: the stored bytes go through the current mapping, as if just received.
-        from hl7_listener.handler import OrderMessageHandler
-        from hl7_listener.mapping import load_mapping
+        from hl7_listener.handler import handler_from_config
         from hl7_listener.status_message import parse_ack
 
-        handler = OrderMessageHandler(store, load_mapping(config.mapping),
-                                      uid_root=config.uid_root,
-                                      sending_application=config.hl7.sending_application,
-                                      sending_facility=config.hl7.sending_facility,
-                                      existing_order=config.hl7.existing_order,
-                                      charset_fallback=config.hl7.charset_fallback or None)
+        handler = handler_from_config(store, config)
         reply = handler.handle(raw)
         if reply is None:
             print("processed; the message asks for no acknowledgement (MSH-15)")

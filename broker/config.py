@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from broker.errors import ConfigError
 
 if TYPE_CHECKING:
+    from broker.domain import StatusReporting
     from broker.purge import Retention
 
 ENV_PREFIX = "WLB_"
@@ -106,6 +107,59 @@ class Hl7Config(_Section):
         return value
 
 
+StatusMessageType = Literal["ORM^O01", "ORU^R01", "OMI^O23"]
+
+
+class StatusEventConfig(_Section):
+    """One kind of status event: sent or not, as which message type and HL7 version."""
+
+    send: bool = True
+    message_type: StatusMessageType = "ORM^O01"
+    version: str | None = None  # MSH-12; None: ris.hl7_version
+
+
+def _event(send: bool = True) -> Any:
+    return Field(default_factory=lambda: StatusEventConfig(send=send))
+
+
+class StatusMessagesConfig(_Section):
+    in_progress: StatusEventConfig = _event()
+    completed: StatusEventConfig = _event()
+    discontinued: StatusEventConfig = _event()
+    # Status changes made by order messages (NW -> SC, CA, DC, HD, RL): off by default, as
+    # the RIS made them itself.
+    order_status: StatusEventConfig = _event(send=False)
+    # Report an MPPS that matches no scheduled item (unscheduled or emergency procedure).
+    unscheduled: bool = False
+    # Per message type, field path -> template with {placeholders}, over the defaults.
+    field_templates: dict[StatusMessageType, dict[str, str]] = Field(default_factory=dict)
+
+    @field_validator("in_progress", "completed", "discontinued", "order_status",
+                     mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        # "completed: false" is short for "completed: {send: false}".
+        return {"send": value} if isinstance(value, bool) else value
+
+    @field_validator("field_templates")
+    @classmethod
+    def _templates(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        from broker.status_templates import check_template
+
+        for message_type, templates in value.items():
+            for path, template in templates.items():
+                problem = check_template(path, template)
+                if problem:
+                    raise ValueError(f"{message_type} {path}: {problem}")
+        return value
+
+    def reporting(self) -> StatusReporting:
+        from broker.domain import StatusKind, StatusReporting
+
+        kinds = frozenset(kind for kind in StatusKind if getattr(self, kind.value).send)
+        return StatusReporting(kinds=kinds, unscheduled=self.unscheduled)
+
+
 class RisConfig(_Section):
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -121,6 +175,7 @@ class RisConfig(_Section):
     # Negative ACKs (AE/CE) tolerated before a message is dead-lettered. An unreachable RIS
     # never dead-letters: it only delays, however long it is down.
     max_attempts: int = Field(10, ge=1)
+    status_messages: StatusMessagesConfig = Field(default_factory=StatusMessagesConfig)
 
 
 class JobsConfig(_Section):

@@ -143,9 +143,35 @@ class WorklistRow:
     status: ItemStatus
 
 
+class StatusKind(enum.StrEnum):
+    """Which change a status message reports; each is switched on or off in the config."""
+
+    IN_PROGRESS = "in_progress"  # MPPS N-CREATE
+    COMPLETED = "completed"  # MPPS N-SET COMPLETED
+    DISCONTINUED = "discontinued"  # MPPS N-SET DISCONTINUED
+    ORDER_STATUS = "order_status"  # an order message changed an item's status
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReporting:
+    """Which changes the core writes to the outbox (what is written is what will be sent)."""
+
+    kinds: frozenset[StatusKind] = frozenset(
+        {StatusKind.IN_PROGRESS, StatusKind.COMPLETED, StatusKind.DISCONTINUED})
+    # An MPPS that matches no scheduled item (unscheduled or emergency procedure).
+    unscheduled: bool = False
+
+
+DEFAULT_REPORTING = StatusReporting()
+
+
 @dataclass(frozen=True, slots=True)
 class StatusEvent:
-    """What the outbox carries to the RIS: an order's new status (ORC-5 IP / CM / DC)."""
+    """What the outbox carries to the RIS: an order's new status (ORC-5 IP / CM / DC...).
+
+    Stored as JSON in the outbox row and rendered only when sent, with the message type and
+    templates configured then; fields added later read as None from older rows.
+    """
 
     order_status: str
     accession_number: str
@@ -159,3 +185,24 @@ class StatusEvent:
     requested_procedure_code_meaning: str | None = None
     mpps_sop_instance_uid: str | None = None
     event_time: dt.datetime | None = None
+    kind: str | None = None  # a StatusKind; None in rows written before kinds existed
+    requested_procedure_id: str | None = None
+    sps_id: str | None = None
+    study_instance_uid: str | None = None
+    modality: str | None = None
+    station_ae_title: str | None = None  # where it was performed (else where scheduled)
+    performed_start: dt.datetime | None = None
+    performed_end: dt.datetime | None = None
+    number_of_images: int | None = None
+    # Performed Procedure Step Discontinuation Reason Code Sequence, first item.
+    discontinuation_reason_code: str | None = None
+    discontinuation_reason_meaning: str | None = None
+    discontinuation_reason_scheme: str | None = None
+
+    @property
+    def status_kind(self) -> StatusKind:
+        if self.kind:
+            return StatusKind(self.kind)
+        return {"IP": StatusKind.IN_PROGRESS, "CM": StatusKind.COMPLETED,
+                "DC": StatusKind.DISCONTINUED}.get(self.order_status, StatusKind.ORDER_STATUS)
+

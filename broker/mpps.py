@@ -6,25 +6,25 @@ value, 0x0110 processing failure, 0x0111 duplicate SOP instance, 0x0112 no such 
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker import outbox
 from broker.domain import (
+    DEFAULT_REPORTING,
     ItemStatus,
     MppsCreate,
     MppsResult,
     MppsSet,
     MppsStatus,
     ScheduledStepRef,
-    StatusEvent,
+    StatusReporting,
 )
 from broker.errors import MppsError
 from broker.models import MPPSTracking, WorklistItem
+from broker.status_events import report_mpps
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,6 @@ DUPLICATE_SOP_INSTANCE = 0x0111
 NO_SUCH_SOP_INSTANCE = 0x0112
 NO_LONGER_UPDATABLE = 0xA710  # Error ID, with PROCESSING_FAILURE
 
-# ORC-5 order status (HL7 table 0038) the RIS receives for each MPPS state.
-_ORDER_STATUS = {
-    MppsStatus.IN_PROGRESS: "IP",
-    MppsStatus.COMPLETED: "CM",
-    MppsStatus.DISCONTINUED: "DC",
-}
 _ITEM_STATUS = {
     MppsStatus.IN_PROGRESS: ItemStatus.IN_PROGRESS,
     MppsStatus.COMPLETED: ItemStatus.COMPLETED,
@@ -74,31 +68,6 @@ def _linked_items(session: Session, steps: tuple[ScheduledStepRef, ...]) -> list
     return list(found.values())
 
 
-def _status_event(item: WorklistItem, status: MppsStatus, mpps_uid: str,
-                  when: dt.datetime | None) -> StatusEvent:
-    patient = item.patient
-    return StatusEvent(
-        order_status=_ORDER_STATUS[status],
-        accession_number=item.accession_number,
-        placer_order_number=item.placer_order_number,
-        filler_order_number=item.filler_order_number,
-        patient_id=patient.patient_id,
-        issuer_of_patient_id=patient.issuer_of_patient_id,
-        patient_name=patient.patient_name,
-        requested_procedure_code_value=item.requested_procedure_code_value,
-        requested_procedure_code_scheme=item.requested_procedure_code_scheme,
-        requested_procedure_code_meaning=item.requested_procedure_code_meaning,
-        mpps_sop_instance_uid=mpps_uid,
-        event_time=when,
-    )
-
-
-def _report(session: Session, item: WorklistItem, status: MppsStatus, mpps_uid: str,
-            when: dt.datetime | None) -> None:
-    item.status = _ITEM_STATUS[status]
-    outbox.enqueue(session, _status_event(item, status, mpps_uid, when))
-
-
 def _merged_json(created: str | None, modified: str) -> str:
     """The N-CREATE attributes with the N-SET modifications applied (both DICOM JSON)."""
     try:
@@ -114,7 +83,14 @@ def _other_steps_in_progress(item: WorklistItem, record: MPPSTracking) -> bool:
                for other in item.mpps)
 
 
-def record_mpps_create(session: Session, request: MppsCreate) -> MppsResult:
+def _report(session: Session, policy: StatusReporting, record: MPPSTracking,
+            status: MppsStatus, item: WorklistItem) -> None:
+    item.status = _ITEM_STATUS[status]
+    report_mpps(session, policy, record, status, item)
+
+
+def record_mpps_create(session: Session, request: MppsCreate,
+                       policy: StatusReporting = DEFAULT_REPORTING) -> MppsResult:
     """N-CREATE: a procedure step has started on a modality."""
     if request.status != MppsStatus.IN_PROGRESS:
         raise MppsError(INVALID_ATTRIBUTE_VALUE,
@@ -139,7 +115,9 @@ def record_mpps_create(session: Session, request: MppsCreate) -> MppsResult:
     for item in items:
         if item.status == ItemStatus.IN_PROGRESS:
             continue  # append case: the RIS already knows the step is under way
-        _report(session, item, MppsStatus.IN_PROGRESS, request.sop_instance_uid, request.start)
+        _report(session, policy, record, MppsStatus.IN_PROGRESS, item)
+    if not items:
+        report_mpps(session, policy, record, MppsStatus.IN_PROGRESS, None)
     session.flush()
     accessions = tuple(item.accession_number for item in items)
     if not items:
@@ -149,7 +127,8 @@ def record_mpps_create(session: Session, request: MppsCreate) -> MppsResult:
     return MppsResult(request.sop_instance_uid, MppsStatus.IN_PROGRESS, accessions)
 
 
-def record_mpps_set(session: Session, request: MppsSet) -> MppsResult:
+def record_mpps_set(session: Session, request: MppsSet,
+                    policy: StatusReporting = DEFAULT_REPORTING) -> MppsResult:
     """N-SET: attributes changed, and possibly the step completed or was discontinued."""
     record = session.scalars(select(MPPSTracking).where(
         MPPSTracking.sop_instance_uid == request.sop_instance_uid)).one_or_none()
@@ -185,7 +164,9 @@ def record_mpps_set(session: Session, request: MppsSet) -> MppsResult:
             if _other_steps_in_progress(item, record):
                 # Append case: the step is done only when its last MPPS is.
                 continue
-            _report(session, item, new_status, record.sop_instance_uid, request.end)
+            _report(session, policy, record, new_status, item)
+        if not record.items:
+            report_mpps(session, policy, record, new_status, None)
     session.flush()
     log.info("MPPS set uid=%s status=%s accessions=%s", record.sop_instance_uid, new_status,
              ",".join(accessions))

@@ -9,15 +9,18 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from broker.domain import (
+    DEFAULT_REPORTING,
     ItemStatus,
     Order,
     OrderControl,
     OrderResult,
     PatientData,
     ProcedureData,
+    StatusReporting,
 )
 from broker.errors import InvalidOrder, UnknownOrder
 from broker.models import Patient, WorklistItem
+from broker.status_events import report_order_status
 from broker.uids import generate_uid
 
 log = logging.getLogger(__name__)
@@ -115,7 +118,8 @@ _STATUS_ONLY = (OrderControl.CANCEL, OrderControl.DISCONTINUE, OrderControl.STAT
 
 
 def apply_order(session: Session, order: Order, *, uid_root: str,
-                existing: str = "update") -> OrderResult:
+                existing: str = "update",
+                reporting: StatusReporting = DEFAULT_REPORTING) -> OrderResult:
     """Apply one order inside the caller's transaction.
 
     NW creates the item (or updates it when the RIS sends the same order again), XO changes it
@@ -131,8 +135,11 @@ def apply_order(session: Session, order: Order, *, uid_root: str,
         if item is None:
             raise UnknownOrder(accession)
         status = _status_change(item, order)
+        changed = item.status != status
         item.status = status
         item.last_message_control_id = order.message_control_id
+        if changed:
+            report_order_status(session, reporting, item)
         log.debug("order %s accession=%s status=%s msh10=%s", order.control, accession, status,
                   order.message_control_id)
         return OrderResult(accession, status, created=False,
@@ -147,6 +154,7 @@ def apply_order(session: Session, order: Order, *, uid_root: str,
 
     patient = _upsert_patient(session, order.patient)
     created = item is None
+    previous_status = None if item is None else item.status
     if item is None:
         item = WorklistItem(
             accession_number=accession,
@@ -162,6 +170,8 @@ def apply_order(session: Session, order: Order, *, uid_root: str,
     item.patient = patient
     _fill_item(item, order.procedure)
     item.last_message_control_id = order.message_control_id
+    if item.status != previous_status:
+        report_order_status(session, reporting, item)
     # DEBUG: the HL7 edge logs one INFO line per message already.
     log.debug("order %s accession=%s msh10=%s", "created" if created else "updated",
               accession, order.message_control_id)
@@ -170,7 +180,8 @@ def apply_order(session: Session, order: Order, *, uid_root: str,
 
 
 def apply_orders(session: Session, orders: list[Order], *, uid_root: str,
-                 existing: str = "update") -> list[OrderResult]:
+                 existing: str = "update",
+                 reporting: StatusReporting = DEFAULT_REPORTING) -> list[OrderResult]:
     """Apply every item of one message in the caller's transaction (all or nothing).
 
     Items of one requested procedure (same placer order number and requested procedure ID)
@@ -184,7 +195,8 @@ def apply_orders(session: Session, orders: list[Order], *, uid_root: str,
                 and order.control is OrderControl.NEW):
             order = replace(order, procedure=replace(order.procedure,
                                                      study_instance_uid=shared[key]))
-        result = apply_order(session, order, uid_root=uid_root, existing=existing)
+        result = apply_order(session, order, uid_root=uid_root, existing=existing,
+                             reporting=reporting)
         if key[1]:
             shared.setdefault(key, result.study_instance_uid)
         results.append(result)

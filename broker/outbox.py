@@ -50,11 +50,16 @@ def new_message_control_id() -> str:
     return "WLB" + uuid.uuid4().hex[:17].upper()
 
 
-def enqueue(session: Session, event: StatusEvent) -> OutboxMessage:
-    """Add a status message to the caller's transaction; it is sent only if that commits."""
+def enqueue(session: Session, event: StatusEvent, *, order_key: str | None = None,
+            ) -> OutboxMessage:
+    """Add a status message to the caller's transaction; it is sent only if that commits.
+
+    Messages with the same ``order_key`` (by default the accession number) are delivered in
+    the order written.
+    """
     message = OutboxMessage(
         message_control_id=new_message_control_id(),
-        accession_number=event.accession_number,
+        accession_number=order_key if order_key is not None else event.accession_number,
         event=event.order_status,
         payload_json=encode_event(event),
         state=OutboxState.PENDING,
@@ -65,17 +70,25 @@ def enqueue(session: Session, event: StatusEvent) -> OutboxMessage:
     return message
 
 
+_DATETIME_FIELDS = ("event_time", "performed_start", "performed_end")
+_EVENT_FIELDS = frozenset(f.name for f in dataclasses.fields(StatusEvent))
+
+
 def encode_event(event: StatusEvent) -> str:
-    data = dataclasses.asdict(event)
-    if event.event_time is not None:
-        data["event_time"] = event.event_time.isoformat()
+    data = {key: value for key, value in dataclasses.asdict(event).items() if value is not None}
+    for name in _DATETIME_FIELDS:
+        if name in data:
+            data[name] = data[name].isoformat()
     return json.dumps(data, sort_keys=True)
 
 
 def decode_event(payload_json: str) -> StatusEvent:
-    data = json.loads(payload_json)
-    if data.get("event_time"):
-        data["event_time"] = dt.datetime.fromisoformat(data["event_time"])
+    # Keys this version does not know (written by a newer one) are left out, not fatal.
+    data = {key: value for key, value in json.loads(payload_json).items()
+            if key in _EVENT_FIELDS}
+    for name in _DATETIME_FIELDS:
+        if data.get(name):
+            data[name] = dt.datetime.fromisoformat(data[name])
     return StatusEvent(**data)
 
 

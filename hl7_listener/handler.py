@@ -15,14 +15,15 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from broker import inbound_log
-from broker.domain import PatientMerge
+from broker.config import BrokerConfig
+from broker.domain import DEFAULT_REPORTING, PatientMerge, StatusReporting
 from broker.errors import InvalidOrder, UnsupportedMessage
 from broker.models import InboundOutcome
 from broker.orders import apply_orders
 from broker.patients import merge_patient, update_patient
 from broker.store import Store
 from hl7_listener.ack import ErrorDetail, build_ack
-from hl7_listener.mapping import MERGE_PATIENT_ID_PATH, Mapping
+from hl7_listener.mapping import MERGE_PATIENT_ID_PATH, Mapping, load_mapping
 from hl7_listener.message import (
     UNSUPPORTED_MESSAGE_TYPE,
     MessageError,
@@ -77,7 +78,8 @@ class OrderMessageHandler:
 
     def __init__(self, store: Store, mapping: Mapping, *, uid_root: str,
                  sending_application: str, sending_facility: str,
-                 existing_order: str = "update", charset_fallback: str | None = None) -> None:
+                 existing_order: str = "update", charset_fallback: str | None = None,
+                 reporting: StatusReporting = DEFAULT_REPORTING) -> None:
         self.store = store
         # Replaced as a whole (never mutated) when the mapping is reloaded.
         self.mapping = mapping
@@ -86,6 +88,7 @@ class OrderMessageHandler:
         self.sending_facility = sending_facility
         self.existing_order = existing_order
         self.charset_fallback = charset_fallback
+        self.reporting = reporting
 
     def _ack(self, msg: ParsedMessage | None, code: str, text: str = "",
              error: ErrorDetail | None = None) -> bytes:
@@ -187,7 +190,8 @@ class OrderMessageHandler:
 
             def apply(session: Session) -> str:
                 results = apply_orders(session, orders, uid_root=self.uid_root,
-                                       existing=self.existing_order)
+                                       existing=self.existing_order,
+                                       reporting=self.reporting)
                 return ", ".join(f"accession={r.accession_number} status={r.status}"
                                  for r in results)
 
@@ -257,3 +261,14 @@ class OrderMessageHandler:
         level = logging.INFO if code == "AA" else logging.WARNING
         log.log(level, "msh10=%s type=%s^%s from=%s %s: %s", msg.control_id,
                 msg.message_type, msg.trigger_event, msg.msh(3), code, detail)
+
+
+def handler_from_config(store: Store, config: BrokerConfig) -> OrderMessageHandler:
+    """The handler ``serve`` runs and ``messages replay`` reuses: one set of settings."""
+    return OrderMessageHandler(
+        store, load_mapping(config.mapping), uid_root=config.uid_root,
+        sending_application=config.hl7.sending_application,
+        sending_facility=config.hl7.sending_facility,
+        existing_order=config.hl7.existing_order,
+        charset_fallback=config.hl7.charset_fallback or None,
+        reporting=config.ris.status_messages.reporting())

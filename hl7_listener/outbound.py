@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 from broker import outbox
 from broker.config import Hl7Config, RisConfig
+from broker.domain import StatusKind
 from broker.store import Store
 from hl7_listener.message import MessageError
 from hl7_listener.mllp import MllpClient, MllpError
-from hl7_listener.status_message import parse_ack, render_status_message
+from hl7_listener.status_message import StatusFormat, parse_ack, render_status_message
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,15 @@ class OutboundSender:
         self._batch_size = batch_size
         self._policy = outbox.RetryPolicy(ris.retry_initial_seconds, ris.retry_max_seconds,
                                           ris.max_attempts)
+        messages = ris.status_messages
+        # Decided when sent, not when queued: a changed format applies to what is pending.
+        self._formats = {
+            kind: StatusFormat(
+                message_type=getattr(messages, kind.value).message_type,
+                version=getattr(messages, kind.value).version or ris.hl7_version,
+                templates=messages.field_templates.get(
+                    getattr(messages, kind.value).message_type, {}))
+            for kind in StatusKind}
         self._client = MllpClient(ris.host, ris.port, connect_timeout=ris.connect_timeout_seconds,
                                   read_timeout=ris.ack_timeout_seconds)
 
@@ -59,14 +69,15 @@ class OutboundSender:
                     for m in outbox.deliverable(session, self._batch_size)]
 
     def _render(self, message: _Pending) -> bytes:
+        event = outbox.decode_event(message.payload_json)
         return render_status_message(
-            outbox.decode_event(message.payload_json),
+            event,
             message_control_id=message.message_control_id,
             sending_application=self._hl7.sending_application,
             sending_facility=self._hl7.sending_facility,
             receiving_application=self._ris.receiving_application,
             receiving_facility=self._ris.receiving_facility,
-            version=self._ris.hl7_version,
+            fmt=self._formats[event.status_kind],
         )
 
     def _deliver(self, message: _Pending) -> tuple[str, str] | None:

@@ -27,9 +27,16 @@ def field_of(message: str, segment: str, index: int) -> str:
 
 @dataclass
 class FakeRis:
-    """Answers each message with ``ack_code`` (AA by default) echoing MSH-10 in MSA-2."""
+    """Answers each message with ``ack_code`` (AA by default) echoing MSH-10 in MSA-2.
+
+    Misbehaviour on demand: ``ack_delay`` seconds before each ACK (a slow RIS), and
+    ``cut_acks``: that many messages are answered with half an ACK frame and a hang-up (a
+    connection dropped mid-ACK).
+    """
 
     ack_code: str = "AA"
+    ack_delay: float = 0.0
+    cut_acks: int = 0
     received: list[str] = field(default_factory=list)
     connections: int = 0
     open_connections: int = 0
@@ -95,7 +102,18 @@ class FakeRis:
                     control_id = field_of(text, "MSH", 10)
                     ack = (f"MSH|^~\\&|RIS||WORKLIST_BROKER||20261129120000||ACK^O01|R{control_id}"
                            f"|P|2.3.1\rMSA|{self.ack_code}|{control_id}|\r")
-                    conn.sendall(SB + ack.encode() + EB)
+                    if self.ack_delay and self._stop.wait(self.ack_delay):
+                        return
+                    with self._lock:
+                        cut = self.cut_acks > 0
+                        self.cut_acks -= cut
+                    try:
+                        if cut:
+                            conn.sendall(SB + ack.encode()[:20])
+                            return
+                        conn.sendall(SB + ack.encode() + EB)
+                    except OSError:  # the broker gave up waiting and hung up first
+                        return
 
     def wait_for_messages(self, count: int, timeout: float = 15.0) -> list[str]:
         wait_for(lambda: len(self.received) >= count, timeout,

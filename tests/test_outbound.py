@@ -173,3 +173,48 @@ def test_reconnects_when_the_ris_closed_the_idle_connection(store):
         assert ris.connections == 2
     finally:
         ris.close()
+
+
+def _received_ids(ris: FakeRis) -> list[tuple[str, str]]:
+    return [(field_of(m, "MSH", 10), field_of(m, "ORC", 5)) for m in ris.received]
+
+
+def test_slow_ris_times_out_then_gets_the_same_msh10_again_in_order(store):
+    _order_with_mpps(store)
+    ris = FakeRis(ack_delay=2.0)  # slower than the sender's 0.5 s ACK timeout
+    sender = OutboundSender(store, RisConfig(
+        enabled=True, host="127.0.0.1", port=ris.port, connect_timeout_seconds=1,
+        ack_timeout_seconds=0.5, retry_initial_seconds=0.05), Hl7Config(), batch_size=10)
+    try:
+        report = sender.run_once()
+        assert (report.sent, report.failed) == (0, 1)
+        assert _states(store) == [OutboxState.PENDING, OutboxState.PENDING]
+        ris.ack_delay = 0.0
+        _run_until(sender, lambda: _states(store) == [OutboxState.SENT] * 2)
+        received = _received_ids(ris)
+        # The IP went out twice under one MSH-10 (the RIS can drop the copy); CM only after.
+        assert received[0] == received[1] and received[0][1] == "IP"
+        assert [status for _, status in received[1:]] == ["IP", "CM"]
+    finally:
+        sender.close()
+        ris.close()
+
+
+def test_connection_dropped_mid_ack_is_retried_not_lost(store):
+    _order_with_mpps(store)
+    ris = FakeRis(cut_acks=1)
+    sender = _sender(store, ris.port)
+    try:
+        report = sender.run_once()
+        assert (report.sent, report.failed) == (0, 1)
+        with store.reading() as s:
+            error = s.scalars(select(OutboxMessage.last_error).order_by(OutboxMessage.id)).first()
+        assert "complete reply" in error
+        _run_until(sender, lambda: _states(store) == [OutboxState.SENT] * 2)
+        received = _received_ids(ris)
+        assert [status for _, status in received] == ["IP", "IP", "CM"]
+        assert received[0][0] == received[1][0]
+        assert ris.connections == 2  # a fresh connection after the hang-up
+    finally:
+        sender.close()
+        ris.close()

@@ -21,7 +21,13 @@ from pydicom.uid import generate_uid
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from broker.domain import MppsCreate, MppsSet, ScheduledStepRef
+from broker.domain import (
+    DEFAULT_REPORTING,
+    MppsCreate,
+    MppsSet,
+    ScheduledStepRef,
+    StatusReporting,
+)
 from broker.errors import MppsError
 from broker.matching import InvalidQuery, parse_date, parse_time
 from broker.mpps import (
@@ -191,7 +197,8 @@ def _record(store: Store, operation: str, uid: str, calling_ae: str | None,
 
 
 def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | None,
-                  calling_ae_title: str | None = None) -> Response:
+                  calling_ae_title: str | None = None,
+                  reporting: StatusReporting = DEFAULT_REPORTING) -> Response:
     """N-CREATE: record the step, answer Success with the attribute list, or a failure status.
 
     ``attribute_list`` is the request's decoded dataset; pynetdicom decodes it lazily, so a
@@ -208,7 +215,7 @@ def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | 
         return _refusal("N-CREATE", uid, calling_ae_title, INVALID_ATTRIBUTE_VALUE,
                         f"cannot decode the attribute list: {exc}")
     refused = _record(store, "N-CREATE", uid, calling_ae_title,
-                      lambda session: record_mpps_create(session, request))
+                      lambda session: record_mpps_create(session, request, reporting))
     if refused is not None:
         return refused
     response = Dataset()
@@ -219,7 +226,8 @@ def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | 
 
 
 def handle_set(store: Store, modification_list: Any, *, sop_instance_uid: str | None,
-               calling_ae_title: str | None = None) -> Response:
+               calling_ae_title: str | None = None,
+               reporting: StatusReporting = DEFAULT_REPORTING) -> Response:
     """N-SET: update the step (and its items' status), answer with the modified attributes."""
     if not sop_instance_uid:
         return _refusal("N-SET", None, calling_ae_title, MISSING_ATTRIBUTE,
@@ -232,7 +240,7 @@ def handle_set(store: Store, modification_list: Any, *, sop_instance_uid: str | 
         return _refusal("N-SET", sop_instance_uid, calling_ae_title, INVALID_ATTRIBUTE_VALUE,
                         f"cannot decode the modification list: {exc}")
     refused = _record(store, "N-SET", sop_instance_uid, calling_ae_title,
-                      lambda session: record_mpps_set(session, request))
+                      lambda session: record_mpps_set(session, request, reporting))
     if refused is not None:
         return refused
     response = Dataset()

@@ -30,7 +30,7 @@ from broker.config import DicomConfig
 from broker.dicom import mpps
 from broker.dicom.charsets import codec_for, recode
 from broker.dicom.worklist import query_from_identifier, response_renderer
-from broker.domain import VISIBLE_STATUSES, ItemStatus
+from broker.domain import DEFAULT_REPORTING, VISIBLE_STATUSES, ItemStatus, StatusReporting
 from broker.errors import ConfigError
 from broker.matching import InvalidQuery, WorklistQuery, find_worklist
 from broker.store import Store
@@ -98,9 +98,11 @@ def _on_echo(event: Event) -> int:
 class DicomServer:
     """The broker's DICOM application entity, listening without blocking the caller."""
 
-    def __init__(self, config: DicomConfig, store: Store) -> None:
+    def __init__(self, config: DicomConfig, store: Store,
+                 reporting: StatusReporting = DEFAULT_REPORTING) -> None:
         self._config = config
         self._store = store
+        self._reporting = reporting
         self._visible = tuple(ItemStatus(status) for status in config.visible_statuses)
         for calling_ae, modality in config.modalities.items():
             if modality.character_set is not None:
@@ -272,7 +274,8 @@ class DicomServer:
                                 f"cannot decode the attribute list: {exc}"), None
         return mpps.handle_create(self._store, attribute_list,
                                   sop_instance_uid=event.request.AffectedSOPInstanceUID,
-                                  calling_ae_title=_calling_ae(event))
+                                  calling_ae_title=_calling_ae(event),
+                                  reporting=self._reporting)
 
     def _on_n_set(self, event: Event) -> mpps.Response:
         try:
@@ -282,7 +285,8 @@ class DicomServer:
                                 f"cannot decode the modification list: {exc}"), None
         return mpps.handle_set(self._store, modification_list,
                                sop_instance_uid=event.request.RequestedSOPInstanceUID,
-                               calling_ae_title=_calling_ae(event))
+                               calling_ae_title=_calling_ae(event),
+                               reporting=self._reporting)
 
 
 def _failure(status: int, comment: str) -> FindResponse:
