@@ -94,6 +94,10 @@ def _purge(args: argparse.Namespace) -> int:
 
     with _store(args) as (config, store):
         result = purge(store, retention=config.jobs.retention(), dry_run=args.dry_run)
+    if result.skipped:
+        print("error: another broker or purge command is purging this database now; "
+              "nothing deleted", file=sys.stderr)
+        return EXIT_FAILURE
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb}: {result.worklist_items} worklist items, {result.mpps} MPPS records, "
           f"{result.patients} patients, {result.outbox} sent status messages, "

@@ -54,6 +54,7 @@ class PurgeResult:
     patients: int = 0
     outbox: int = 0
     inbound_messages: int = 0
+    skipped: bool = False  # another process holds the purge lock
 
 
 _FINISHED = (ItemStatus.COMPLETED, ItemStatus.DISCONTINUED)
@@ -124,7 +125,15 @@ def purge(store: Store, *, retention: Retention, now: dt.datetime | None = None,
     if dry_run:
         return _count(store, items, _unlinked_mpps(retention, now), _sent_outbox(retention, now),
                       _old_inbound(retention, now))
+    with store.exclusive("purge") as mine:
+        if not mine:
+            log.info("purge skipped: another broker (or purge command) is purging")
+            return PurgeResult(skipped=True)
+        return _purge(store, retention, now, items)
 
+
+def _purge(store: Store, retention: Retention, now: dt.datetime,
+           items: ColumnElement[bool]) -> PurgeResult:
     mpps_of_items = 0
 
     def delete_items(session: Session, ids: list[int]) -> int:

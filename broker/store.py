@@ -6,6 +6,7 @@ so that no session is ever shared between pynetdicom's association threads or th
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import threading
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy.exc
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -109,6 +110,48 @@ class Store:
             yield session
         finally:
             session.close()
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """Yield whether this process holds the site-wide lock ``name`` for the block.
+
+        Several brokers may share one database (PostgreSQL, or processes on one SQLite
+        file); jobs that must not run twice at once (the outbound delivery, whose per-order
+        ordering would break, and the purge) run only where this yields True. The lock is
+        never waited for: whoever has it is doing the work. On PostgreSQL it is an advisory
+        lock on a connection held for the block (released if that connection dies); on
+        SQLite an flock on a file beside the database (released if the process dies).
+        """
+        if self.backend == "postgresql":
+            with self.write_engine.connect() as conn:
+                # Scoped to database and schema: brokers of two sites on one server (or two
+                # test schemas) never exclude each other.
+                key = "current_database() || '.' || current_schema() || '.' || :name"
+                got = bool(conn.execute(text(f"SELECT pg_try_advisory_lock(hashtext({key}))"),
+                                        {"name": name}).scalar())
+                conn.commit()
+                try:
+                    yield got
+                finally:
+                    if got:
+                        conn.execute(text(f"SELECT pg_advisory_unlock(hashtext({key}))"),
+                                     {"name": name})
+                        conn.commit()
+            return
+        database = make_url(self.url).database
+        if self.backend != "sqlite" or not database:
+            yield True
+            return
+        with open(f"{database}.{name}.lock", "a+b") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def dispose(self) -> None:
         self.write_engine.dispose()

@@ -31,6 +31,7 @@ _REJECTED = frozenset({"AR", "CR"})
 class OutboundReport:
     sent: int
     failed: int
+    skipped: bool = False  # another broker on the same database is delivering
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,15 @@ class OutboundSender:
         return outcome, f"RIS answered {ack.code}: {ack.text or 'no reason given'}"
 
     def run_once(self) -> OutboundReport:
+        # One deliverer per database: two brokers sending the same order's messages at once
+        # could put a late IP after its CM.
+        with self._store.exclusive("outbound") as mine:
+            if not mine:
+                log.debug("outbound run skipped: another broker holds the outbound lock")
+                return OutboundReport(sent=0, failed=0, skipped=True)
+            return self._deliver_due()
+
+    def _deliver_due(self) -> OutboundReport:
         sent = failed = 0
         held: set[str] = set()  # orders with a failure in this run: their later messages wait
         for message in self._pending():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 
 from sqlalchemy import select
 
@@ -19,7 +20,8 @@ from broker.domain import (
 from broker.models import OutboxMessage, OutboxState
 from broker.mpps import record_mpps_create, record_mpps_set
 from broker.orders import apply_order
-from hl7_listener.outbound import OutboundSender
+from broker.store import Store
+from hl7_listener.outbound import OutboundReport, OutboundSender
 from tests.fake_ris import FakeRis, field_of
 from tests.support import free_port, wait_for
 
@@ -217,4 +219,28 @@ def test_connection_dropped_mid_ack_is_retried_not_lost(store):
         assert ris.connections == 2  # a fresh connection after the hang-up
     finally:
         sender.close()
+        ris.close()
+
+
+def test_two_brokers_on_one_database_never_deliver_the_same_order_twice(store):
+    """The second broker's outbound job stands aside while the first one delivers."""
+    _order_with_mpps(store)
+    ris = FakeRis(ack_delay=0.5)
+    other_store = Store(store.url, pool_size=2)
+    first, second = _sender(store, ris.port), _sender(other_store, ris.port)
+    reports: list = []
+    worker = threading.Thread(target=lambda: reports.append(first.run_once()))
+    try:
+        worker.start()
+        ris.wait_for_messages(1)  # the first broker is mid-delivery, waiting for an ACK
+        assert second.run_once().skipped is True
+        worker.join(timeout=15)
+        assert reports and reports[0].sent == 2
+        assert [field_of(m, "ORC", 5) for m in ris.received] == ["IP", "CM"]
+        assert second.run_once() == OutboundReport(sent=0, failed=0)  # nothing left to send
+    finally:
+        worker.join(timeout=15)
+        first.close()
+        second.close()
+        other_store.dispose()
         ris.close()

@@ -16,6 +16,7 @@ from broker.models import MPPSTracking, Patient, WorklistItem
 from broker.mpps import record_mpps_create
 from broker.orders import apply_order
 from broker.purge import Retention, purge
+from broker.store import Store
 
 NOW = dt.datetime(2026, 11, 29, 12, 0)
 
@@ -71,3 +72,17 @@ def test_separate_retention_per_status_and_pending_outbox_is_kept(store):
         assert list(s.scalars(select(WorklistItem.accession_number))) == ["TODO"]
         # The unsent IP/CM for the purged order stay: they are still owed to the RIS.
         assert s.scalar(select(func.count(OutboxMessage.id))) == 2
+
+
+def test_a_second_purge_at_the_same_time_stands_aside(store):
+    _add(store, "OLD1", "P-OLD", 40)
+    other = Store(store.url, pool_size=2)  # another broker, or the purge command
+    try:
+        with other.exclusive("purge"):
+            skipped = purge(store, retention=Retention(), now=NOW)
+        assert skipped.skipped and skipped.worklist_items == 0
+        with store.reading() as s:
+            assert s.scalar(select(func.count(WorklistItem.id))) == 1
+        assert purge(store, retention=Retention(), now=NOW).worklist_items == 1
+    finally:
+        other.dispose()

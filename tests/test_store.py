@@ -9,6 +9,7 @@ from broker.domain import ItemStatus, Order, OrderControl, PatientData, Procedur
 from broker.errors import InvalidOrder, UnknownOrder
 from broker.models import Patient, WorklistItem
 from broker.orders import apply_order
+from broker.store import Store
 
 ROOT = "1.2.826.0.1.3680043.10.1491"
 
@@ -55,3 +56,18 @@ def test_unknown_order_and_missing_keys_are_refused_without_writing(store):
         apply_order(s, _order(accession=""), uid_root=ROOT)
     with store.reading() as s:
         assert s.scalars(select(Patient)).all() == []
+
+
+def test_exclusive_lock_admits_one_holder_per_database_at_a_time(store):
+    other = Store(store.url, pool_size=2)  # a second broker on the same database
+    try:
+        with store.exclusive("outbound") as first:
+            assert first is True
+            with other.exclusive("outbound") as second:
+                assert second is False
+            with other.exclusive("purge") as unrelated:
+                assert unrelated is True  # locks are per job name
+        with other.exclusive("outbound") as after_release:
+            assert after_release is True
+    finally:
+        other.dispose()
