@@ -93,14 +93,18 @@ def test_mpps_events_carry_performed_times_image_count_and_station(store):
     assert (done.requested_procedure_id, done.sps_id, done.modality) == ("RP1", "SPS1", "CT")
 
 
-def test_discontinued_event_keeps_the_reason_code(store):
+def _performed(store, uid: str, final: str, attributes_json: str) -> None:
+    """ACC1 ordered, started on a modality, then ended with ``final``."""
     _order(store)
     with store.writing() as s:
-        record_mpps_create(s, MppsCreate("1.5.2", "IN PROGRESS",
+        record_mpps_create(s, MppsCreate(uid, "IN PROGRESS",
                                          (ScheduledStepRef(accession_number="ACC1"),)))
     with store.writing() as s:
-        record_mpps_set(s, MppsSet("1.5.2", "DISCONTINUED", end=END,
-                                   attributes_json=DISCONTINUED_JSON))
+        record_mpps_set(s, MppsSet(uid, final, end=END, attributes_json=attributes_json))
+
+
+def test_discontinued_event_keeps_the_reason_code(store):
+    _performed(store, "1.5.2", "DISCONTINUED", DISCONTINUED_JSON)
     _, stopped = _events(store)[-1]
     assert (stopped.order_status, stopped.discontinuation_reason_code,
             stopped.discontinuation_reason_meaning) == (
@@ -149,13 +153,7 @@ def test_order_status_changes_are_queued_only_when_switched_on(store):
 
 
 def test_each_kind_goes_out_in_its_configured_message_type(store):
-    _order(store)
-    with store.writing() as s:
-        record_mpps_create(s, MppsCreate("1.7.1", "IN PROGRESS",
-                                         (ScheduledStepRef(accession_number="ACC1"),)))
-    with store.writing() as s:
-        record_mpps_set(s, MppsSet("1.7.1", "COMPLETED", end=END,
-                                   attributes_json=COMPLETED_JSON))
+    _performed(store, "1.7.1", "COMPLETED", COMPLETED_JSON)
     ris = FakeRis()
     messages = StatusMessagesConfig(
         completed={"message_type": "ORU^R01", "version": "2.5"},
