@@ -225,6 +225,13 @@ def main() -> None:
         flag = "" if bm == wm else f"  (wlmscpfs matched {wm})"
         print(f"{size:>7} {name:<14}{bm:>8}{b50:>11.1f}{b95:>8.1f}{w50:>13.1f}{w95:>8.1f}"
               f"{w50 / b50:>10.1f}x{flag}")
+    sizes = sorted({row[0] for row in table})
+    if len(sizes) > 1:
+        p50 = {(row[0], row[1]): row[3] for row in table}
+        for name in ("selective", "typical poll"):
+            growth = p50[(sizes[-1], name)] / p50[(sizes[0], name)]
+            print(f"broker {name} p50 from {sizes[0]} to {sizes[-1]} items: x{growth:.2f} "
+                  "(target < 1.5)")
     if burst_row:
         size, ok, refused, failed, rate = burst_row
         print(f"\n40 modalities polling for {args.burst_seconds:.0f} s against the broker at "
