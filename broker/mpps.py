@@ -114,6 +114,18 @@ def _other_steps_in_progress(item: WorklistItem, record: MPPSTracking) -> bool:
                for other in item.mpps)
 
 
+def stored_attributes(session: Session, sop_instance_uid: str) -> str:
+    """The kept dataset of an MPPS as DICOM JSON: its N-CREATE attributes with every N-SET
+    modification applied (what an N-GET of the MPPS Retrieve SOP Class reads)."""
+    row = session.execute(select(MPPSTracking.attributes_json).where(
+        MPPSTracking.sop_instance_uid == sop_instance_uid)).one_or_none()
+    if row is None:
+        raise MppsError(NO_SUCH_SOP_INSTANCE, f"no MPPS {sop_instance_uid}")
+    if row.attributes_json is None:
+        raise MppsError(PROCESSING_FAILURE, "the dataset of this MPPS could not be kept")
+    return row.attributes_json
+
+
 def record_mpps_create(session: Session, request: MppsCreate) -> MppsResult:
     """N-CREATE: a procedure step has started on a modality."""
     if request.status != MppsStatus.IN_PROGRESS:
