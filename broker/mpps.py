@@ -1,4 +1,5 @@
-"""record_mpps_create / record_mpps_set: MPPS state, the item's status, and the RIS outbox.
+"""record_mpps_create / record_mpps_set: MPPS state, the item's status, the RIS outbox and the
+forwards owed to downstream MPPS SCPs, all in the caller's transaction.
 
 Statuses and their DICOM codes follow PS3.4 Annex F and PS3.7 C.4: 0x0106 invalid attribute
 value, 0x0110 processing failure, 0x0111 duplicate SOP instance, 0x0112 no such SOP instance.
@@ -9,11 +10,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from collections.abc import Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker import outbox
+from broker import mpps_forward, outbox
+from broker.config import MppsDestination
 from broker.domain import (
     ItemStatus,
     MppsCreate,
@@ -24,7 +27,7 @@ from broker.domain import (
     StatusEvent,
 )
 from broker.errors import MppsError
-from broker.models import MPPSTracking, WorklistItem
+from broker.models import MppsForwardOperation, MPPSTracking, WorklistItem
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +129,9 @@ def stored_attributes(session: Session, sop_instance_uid: str) -> str:
     return row.attributes_json
 
 
-def record_mpps_create(session: Session, request: MppsCreate) -> MppsResult:
-    """N-CREATE: a procedure step has started on a modality."""
+def record_mpps_create(session: Session, request: MppsCreate, *,
+                       forward_to: Sequence[MppsDestination] = ()) -> MppsResult:
+    """N-CREATE: a procedure step has started on a modality; ``forward_to`` get a copy."""
     if request.status != MppsStatus.IN_PROGRESS:
         raise MppsError(INVALID_ATTRIBUTE_VALUE,
                         f"PerformedProcedureStepStatus must be IN PROGRESS on N-CREATE, "
@@ -152,6 +156,8 @@ def record_mpps_create(session: Session, request: MppsCreate) -> MppsResult:
         if item.status == ItemStatus.IN_PROGRESS:
             continue  # append case: the RIS already knows the step is under way
         _report(session, item, MppsStatus.IN_PROGRESS, request.sop_instance_uid, request.start)
+    mpps_forward.enqueue(session, forward_to, request.sop_instance_uid,
+                         MppsForwardOperation.CREATE, request.attributes_json)
     session.flush()
     accessions = tuple(item.accession_number for item in items)
     if not items:
@@ -161,8 +167,10 @@ def record_mpps_create(session: Session, request: MppsCreate) -> MppsResult:
     return MppsResult(request.sop_instance_uid, MppsStatus.IN_PROGRESS, accessions)
 
 
-def record_mpps_set(session: Session, request: MppsSet) -> MppsResult:
-    """N-SET: attributes changed, and possibly the step completed or was discontinued."""
+def record_mpps_set(session: Session, request: MppsSet, *,
+                    forward_to: Sequence[MppsDestination] = ()) -> MppsResult:
+    """N-SET: attributes changed, and possibly the step completed or was discontinued;
+    ``forward_to`` get a copy."""
     record = session.scalars(select(MPPSTracking).where(
         MPPSTracking.sop_instance_uid == request.sop_instance_uid)).one_or_none()
     if record is None:
@@ -198,6 +206,8 @@ def record_mpps_set(session: Session, request: MppsSet) -> MppsResult:
                 # Append case: the step is done only when its last MPPS is.
                 continue
             _report(session, item, new_status, record.sop_instance_uid, request.end)
+    mpps_forward.enqueue(session, forward_to, record.sop_instance_uid,
+                         MppsForwardOperation.SET, request.attributes_json)
     session.flush()
     log.info("MPPS set uid=%s status=%s accessions=%s", record.sop_instance_uid, new_status,
              ",".join(accessions))

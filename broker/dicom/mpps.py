@@ -27,6 +27,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from broker.config import MppsDestination
 from broker.domain import MppsCreate, MppsSet, ScheduledStepRef
 from broker.errors import MppsError
 from broker.matching import InvalidQuery, parse_date, parse_time
@@ -199,7 +200,8 @@ def _record(unit: Callable[[], AbstractContextManager[Session]], operation: str,
 
 
 def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | None,
-                  calling_ae_title: str | None = None) -> Response:
+                  calling_ae_title: str | None = None,
+                  forward_to: Sequence[MppsDestination] = ()) -> Response:
     """N-CREATE: record the step, answer Success with the attribute list, or a failure status.
 
     ``attribute_list`` is the request's decoded dataset; pynetdicom decodes it lazily, so a
@@ -216,7 +218,8 @@ def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | 
         return _refusal("N-CREATE", uid, calling_ae_title, INVALID_ATTRIBUTE_VALUE,
                         f"cannot decode the attribute list: {exc}")
     refused = _record(store.writing, "N-CREATE", uid, calling_ae_title,
-                      lambda session: record_mpps_create(session, request))
+                      lambda session: record_mpps_create(session, request,
+                                                         forward_to=forward_to))
     if refused is not None:
         return refused
     response = Dataset()
@@ -227,7 +230,8 @@ def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | 
 
 
 def handle_set(store: Store, modification_list: Any, *, sop_instance_uid: str | None,
-               calling_ae_title: str | None = None) -> Response:
+               calling_ae_title: str | None = None,
+               forward_to: Sequence[MppsDestination] = ()) -> Response:
     """N-SET: update the step (and its items' status), answer with the modified attributes."""
     if not sop_instance_uid:
         return _refusal("N-SET", None, calling_ae_title, MISSING_ATTRIBUTE,
@@ -240,7 +244,8 @@ def handle_set(store: Store, modification_list: Any, *, sop_instance_uid: str | 
         return _refusal("N-SET", sop_instance_uid, calling_ae_title, INVALID_ATTRIBUTE_VALUE,
                         f"cannot decode the modification list: {exc}")
     refused = _record(store.writing, "N-SET", sop_instance_uid, calling_ae_title,
-                      lambda session: record_mpps_set(session, request))
+                      lambda session: record_mpps_set(session, request,
+                                                      forward_to=forward_to))
     if refused is not None:
         return refused
     response = Dataset()

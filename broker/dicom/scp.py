@@ -274,7 +274,8 @@ class DicomServer:
                                 f"cannot decode the attribute list: {exc}"), None
         return mpps.handle_create(self._store, attribute_list,
                                   sop_instance_uid=event.request.AffectedSOPInstanceUID,
-                                  calling_ae_title=_calling_ae(event))
+                                  calling_ae_title=_calling_ae(event),
+                                  forward_to=self._config.mpps_forward)
 
     def _on_n_set(self, event: Event) -> mpps.Response:
         try:
@@ -284,7 +285,8 @@ class DicomServer:
                                 f"cannot decode the modification list: {exc}"), None
         return mpps.handle_set(self._store, modification_list,
                                sop_instance_uid=event.request.RequestedSOPInstanceUID,
-                               calling_ae_title=_calling_ae(event))
+                               calling_ae_title=_calling_ae(event),
+                               forward_to=self._config.mpps_forward)
 
     def _on_n_get(self, event: Event) -> mpps.Response:
         return mpps.handle_get(self._store, event.attribute_identifiers,
