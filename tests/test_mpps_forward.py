@@ -35,6 +35,12 @@ def _set(store, uid: str, status: str = "COMPLETED", *, to=(PACS,)) -> None:
                         forward_to=to)
 
 
+def forwarded_step(store, uid: str, destination: MppsDestination = PACS) -> None:
+    """An MPPS created, then updated, each change queued for ``destination``."""
+    _create(store, uid, to=(destination,))
+    _set(store, uid, "IN PROGRESS", to=(destination,))
+
+
 def _rows(store) -> list[tuple[str, str, str, str]]:
     with store.reading() as s:
         return [tuple(r) for r in s.execute(

@@ -71,3 +71,23 @@ def test_separate_retention_per_status_and_pending_outbox_is_kept(store):
         assert list(s.scalars(select(WorklistItem.accession_number))) == ["TODO"]
         # The unsent IP/CM for the purged order stay: they are still owed to the RIS.
         assert s.scalar(select(func.count(OutboxMessage.id))) == 2
+
+
+def test_sent_mpps_forwards_age_with_the_outbox_and_unsent_ones_stay(store):
+    from broker import mpps_forward
+    from broker.models import MppsForward
+    from tests.test_mpps_forward import forwarded_step
+
+    forwarded_step(store, "1.2.3.6")
+    with store.writing() as s:
+        create, _ = s.scalars(select(MppsForward).order_by(MppsForward.id)).all()
+        mpps_forward.mark_sent(s, create.id)
+        create.sent_at = NOW - dt.timedelta(days=6)
+    rules = Retention(outbox_days=5, mpps_days=60)
+    assert purge(store, retention=rules, now=NOW, dry_run=True).mpps_forwards == 1
+    assert purge(store, retention=rules, now=NOW).mpps_forwards == 1
+    with store.reading() as s:
+        # The N-SET is still owed downstream: it stays, whatever its age.
+        assert s.scalars(select(MppsForward.operation)).all() == ["set"]
+    assert purge(store, retention=Retention(outbox_days=5), now=NOW + dt.timedelta(days=90)
+                 ).mpps_forwards == 0
