@@ -1,5 +1,6 @@
-"""The composition root: builds the store, the MLLP listener, the DICOM SCP and the scheduler
-from the configuration, starts them in that order and stops them in reverse.
+"""The composition root: builds the store, the MLLP listener, the DICOM SCP, the outbound
+senders (HL7 to the RIS, MPPS to downstream SCPs) and the scheduler from the configuration,
+starts them in that order and stops them in reverse.
 
 This module and ``broker.cli`` are the only ones that import both the core and the edges.
 """
@@ -16,6 +17,7 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.engine import make_url
 
 from broker.config import BrokerConfig
+from broker.dicom.mpps_forwarder import MppsForwarder
 from broker.dicom.scp import DicomServer
 from broker.errors import ConfigError
 from broker.purge import purge
@@ -65,6 +67,8 @@ class Broker:
                                  reporting=config.ris.status_messages.reporting())
         self.outbound = OutboundSender(self.store, config.ris, config.hl7,
                                        batch_size=config.jobs.outbound_batch_size)
+        self.mpps_forwarder = MppsForwarder(self.store, config.dicom,
+                                            batch_size=config.jobs.outbound_batch_size)
         self.scheduler = BackgroundScheduler()
         self._purge_lock = threading.Lock()
 
@@ -117,17 +121,24 @@ class Broker:
                 self.outbound.run_once, "interval", seconds=jobs.outbound_interval_seconds,
                 id="outbound", max_instances=1, coalesce=True,
                 next_run_time=dt.datetime.now())
+        if self.config.dicom.mpps_forward:
+            self.scheduler.add_job(
+                self.mpps_forwarder.run_once, "interval",
+                seconds=jobs.outbound_interval_seconds, id="mpps-forward", max_instances=1,
+                coalesce=True, next_run_time=dt.datetime.now())
         self.scheduler.add_job(self.run_purge, CronTrigger.from_crontab(jobs.purge_cron),
                                id="purge", max_instances=1, coalesce=True)
         self.scheduler.add_job(self._reload_if_changed, "interval",
                                seconds=jobs.mapping_check_seconds, id="mapping-reload",
                                max_instances=1, coalesce=True)
         self.scheduler.start()
-        log.info("broker started: DICOM %s on %s:%d, HL7 on %s:%d, RIS outbound %s",
+        log.info("broker started: DICOM %s on %s:%d, HL7 on %s:%d, RIS outbound %s, "
+                 "MPPS forwarded to %s",
                  self.config.dicom.ae_title, self.config.dicom.host, self.dicom.port,
                  self.config.hl7.host, self.mllp.port,
                  f"to {self.config.ris.host}:{self.config.ris.port}"
-                 if self.config.ris.enabled else "disabled")
+                 if self.config.ris.enabled else "disabled",
+                 ", ".join(d.key for d in self.config.dicom.mpps_forward) or "none")
 
     def stop(self) -> None:
         if self.scheduler.running:

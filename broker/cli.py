@@ -11,12 +11,15 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from broker import __version__
 from broker.config import BrokerConfig, load_config
@@ -101,40 +104,84 @@ def _purge(args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb}: {result.worklist_items} worklist items, {result.mpps} MPPS records, "
           f"{result.patients} patients, {result.outbox} sent status messages, "
-          f"{result.inbound_messages} logged HL7 messages")
+          f"{result.inbound_messages} logged HL7 messages, "
+          f"{result.mpps_forwards} forwarded MPPS copies")
     return 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Queue:
+    """A delivery queue as the list / retry / drop commands see it (outbox, mpps-forward)."""
+
+    command: str
+    noun: str  # what one row is called in errors ("outbox message")
+    item: str  # ...and in confirmations ("message")
+    header: str
+    line: Callable[[Any], str]
+    list_rows: Callable[[Session, str | None, int], Sequence[Any]]
+    retry: Callable[[Session, int | None], int]
+    drop: Callable[[Session, int], Any]
+    describe: Callable[[Any], str]
+
+
+def _when(moment: Any) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S}" if moment is not None else ""
+
+
+def _queue_command(args: argparse.Namespace, queue: _Queue) -> int:
+    with _store(args) as (_, store):
+        if args.action == "list":
+            with store.reading() as session:
+                print(queue.header)
+                for row in queue.list_rows(session, args.state, args.limit):
+                    print(queue.line(row))
+            return 0
+        if args.action == "retry":
+            if (args.id is None) == (not args.all_failed):
+                raise CommandError(f"{queue.command} retry takes a {queue.item} ID or "
+                                   "--all-failed")
+            with store.writing() as session:
+                count = queue.retry(session, args.id)
+            if args.id is not None and count == 0:
+                raise CommandError(f"{queue.noun} {args.id} is not in the failed state")
+            print(f"{count} {queue.item}(s) will be sent again")
+            return 0
+        if args.id is None:
+            raise CommandError(f"{queue.command} drop takes a {queue.item} ID")
+        with store.writing() as session:
+            dropped = queue.drop(session, args.id)
+        if dropped is None:
+            raise CommandError(f"{queue.noun} {args.id} does not exist or was already sent")
+        print(f"dropped {queue.item} {args.id} ({queue.describe(dropped)})")
+        return 0
 
 
 def _outbox(args: argparse.Namespace) -> int:
     from broker import outbox
 
-    with _store(args) as (_, store):
-        if args.action == "list":
-            with store.reading() as session:
-                rows = outbox.list_messages(session, args.state, args.limit)
-                print("ID\tSTATE\tEVENT\tACCESSION\tMSH-10\tATTEMPTS\tCREATED\tLAST ERROR")
-                for m in rows:
-                    print(f"{m.id}\t{m.state}\t{m.event}\t{m.accession_number}\t"
-                          f"{m.message_control_id}\t{m.attempts}\t"
-                          f"{m.created_at:%Y-%m-%d %H:%M:%S}\t{m.last_error or ''}")
-            return 0
-        if args.action == "retry":
-            if (args.id is None) == (not args.all_failed):
-                raise CommandError("outbox retry takes a message ID or --all-failed")
-            with store.writing() as session:
-                count = outbox.retry(session, args.id)
-            if args.id is not None and count == 0:
-                raise CommandError(f"outbox message {args.id} is not in the failed state")
-            print(f"{count} message(s) will be sent again")
-            return 0
-        if args.id is None:
-            raise CommandError("outbox drop takes a message ID")
-        with store.writing() as session:
-            dropped = outbox.drop(session, args.id)
-        if dropped is None:
-            raise CommandError(f"outbox message {args.id} does not exist or was already sent")
-        print(f"dropped message {args.id} ({dropped.event} for {dropped.accession_number})")
-        return 0
+    return _queue_command(args, _Queue(
+        command="outbox", noun="outbox message", item="message",
+        header="ID\tSTATE\tEVENT\tACCESSION\tMSH-10\tATTEMPTS\tCREATED\tLAST ERROR",
+        line=lambda m: (f"{m.id}\t{m.state}\t{m.event}\t{m.accession_number}\t"
+                        f"{m.message_control_id}\t{m.attempts}\t{_when(m.created_at)}\t"
+                        f"{m.last_error or ''}"),
+        list_rows=outbox.list_messages, retry=outbox.retry, drop=outbox.drop,
+        describe=lambda m: f"{m.event} for {m.accession_number}"))
+
+
+def _mpps_forward(args: argparse.Namespace) -> int:
+    from broker import mpps_forward
+
+    return _queue_command(args, _Queue(
+        command="mpps-forward", noun="MPPS forward", item="forward",
+        header="ID\tSTATE\tOPERATION\tDESTINATION\tMPPS UID\tATTEMPTS\tCREATED\t"
+               "NEXT ATTEMPT\tLAST ERROR",
+        line=lambda f: (f"{f.id}\t{f.state}\t{f.operation}\t{f.destination}\t"
+                        f"{f.sop_instance_uid}\t{f.attempts}\t{_when(f.created_at)}\t"
+                        f"{_when(f.next_attempt_at)}\t{f.last_error or ''}"),
+        list_rows=mpps_forward.list_forwards, retry=mpps_forward.retry,
+        drop=mpps_forward.drop,
+        describe=lambda f: f"N-{f.operation.upper()} of {f.sop_instance_uid} to {f.destination}"))
 
 
 def _messages(args: argparse.Namespace) -> int:
@@ -336,14 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("--dry-run", action="store_true", help="only count what would go")
     purge.set_defaults(func=_purge)
 
-    box = commands.add_parser("outbox", help="inspect and repair status messages to the RIS")
-    box.add_argument("action", choices=["list", "retry", "drop"])
-    box.add_argument("id", nargs="?", type=int, help="message ID (retry, drop)")
-    box.add_argument("--config", default="config/broker.yaml")
-    box.add_argument("--state", choices=list(OUTBOX_STATES), help="list only this state")
-    box.add_argument("--limit", type=int, default=100, help="list at most this many")
-    box.add_argument("--all-failed", action="store_true", help="retry every failed message")
-    box.set_defaults(func=_outbox)
+    for name, text, item, func in (
+            ("outbox", "inspect and repair status messages to the RIS", "message", _outbox),
+            ("mpps-forward", "inspect and repair MPPS copies owed to downstream MPPS SCPs "
+             "(dicom.mpps_forward)", "forward", _mpps_forward)):
+        queue = commands.add_parser(name, help=text)
+        queue.add_argument("action", choices=["list", "retry", "drop"])
+        queue.add_argument("id", nargs="?", type=int, help=f"{item} ID (retry, drop)")
+        queue.add_argument("--config", default="config/broker.yaml")
+        queue.add_argument("--state", choices=list(OUTBOX_STATES), help="list only this state")
+        queue.add_argument("--limit", type=int, default=100, help="list at most this many")
+        queue.add_argument("--all-failed", action="store_true",
+                           help=f"retry every failed {item}")
+        queue.set_defaults(func=func)
 
     msgs = commands.add_parser("messages", help="find, read and replay received HL7 messages")
     msgs.add_argument("action", choices=["list", "show", "replay"])

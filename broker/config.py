@@ -49,6 +49,27 @@ class ModalityConfig(_Section):
     character_set: str | None = None
 
 
+def _ae_title(value: str) -> str:
+    if value != value.strip() or "\\" in value:
+        raise ValueError("an AE title has no leading/trailing spaces or backslashes")
+    return value
+
+
+class MppsDestination(_Section):
+    """A downstream MPPS SCP (a PACS, a RIS) that receives a copy of every accepted MPPS."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+
+    _check_ae_title = field_validator("ae_title")(_ae_title)
+
+    @property
+    def key(self) -> str:
+        """How the forward queue names this destination (``AE@host:port``)."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
 WorklistStatus = Literal["SCHEDULED", "IN PROGRESS", "COMPLETED", "DISCONTINUED", "CANCELLED",
                          "HELD"]
 
@@ -70,6 +91,23 @@ class DicomConfig(_Section):
     unencodable: Literal["transliterate", "replace"] = "transliterate"
     # A query with no date and no identifying key gets today +/- this many days (None: off).
     universal_query_days: int | None = Field(None, ge=0, le=3650)
+    # Downstream MPPS SCPs that get every accepted N-CREATE / N-SET, through a durable queue.
+    mpps_forward: list[MppsDestination] = Field(default_factory=list)
+    mpps_forward_timeout_seconds: float = Field(30, gt=0)
+    # As RisConfig: backoff doubled from the initial wait up to the cap; failure statuses
+    # tolerated before a forward is dead-lettered (an unreachable peer only delays).
+    mpps_forward_retry_initial_seconds: float = Field(5, gt=0)
+    mpps_forward_retry_max_seconds: float = Field(600, gt=0)
+    mpps_forward_max_attempts: int = Field(10, ge=1)
+
+    @field_validator("mpps_forward")
+    @classmethod
+    def _distinct_destinations(cls, value: list[MppsDestination]) -> list[MppsDestination]:
+        keys = [destination.key for destination in value]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise ValueError(f"destination listed twice: {', '.join(repeated)}")
+        return value
 
     @field_validator("ae_title")
     @classmethod

@@ -180,3 +180,39 @@ class InboundMessage(Base):
               postgresql_where=text("outcome = 'accepted'")),
         Index("ix_inbound_outcome_id", "outcome", "id"),
     )
+
+
+class MppsForwardOperation:
+    CREATE = "create"
+    SET = "set"
+
+
+class MppsForward(Base):
+    """A copy of an accepted N-CREATE or N-SET owed to one downstream MPPS SCP, written in the
+    same transaction as the MPPS change. States are the outbox's (pending, sent, failed).
+
+    No foreign key to ``mpps_tracking``: a forward still owed outlives a purged MPPS record.
+    """
+
+    __tablename__ = "mpps_forward"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(300))  # MppsDestination.key, AE@host:port
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    operation: Mapped[str] = mapped_column(String(8))
+    # The request's dataset as received, in DICOM JSON (None: it could not be encoded).
+    dataset_json: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default=OutboxState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Failure statuses only count towards dead-lettering; an unreachable peer merely delays.
+    refusals: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (
+        Index("ix_mpps_forward_state_destination_id", "state", "destination", "id"),
+        Index("ix_mpps_forward_uid_destination_id", "sop_instance_uid", "destination", "id"),
+    )

@@ -1,4 +1,5 @@
-"""record_mpps_create / record_mpps_set: MPPS state, the item's status, and the RIS outbox.
+"""record_mpps_create / record_mpps_set: MPPS state, the item's status, the RIS outbox and the
+forwards owed to downstream MPPS SCPs, all in the caller's transaction.
 
 Statuses and their DICOM codes follow PS3.4 Annex F and PS3.7 C.4: 0x0106 invalid attribute
 value, 0x0110 processing failure, 0x0111 duplicate SOP instance, 0x0112 no such SOP instance.
@@ -8,10 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from broker import mpps_forward
+from broker.config import MppsDestination
 from broker.domain import (
     DEFAULT_REPORTING,
     ItemStatus,
@@ -23,7 +27,7 @@ from broker.domain import (
     StatusReporting,
 )
 from broker.errors import MppsError
-from broker.models import MPPSTracking, WorklistItem
+from broker.models import MppsForwardOperation, MPPSTracking, WorklistItem
 from broker.status_events import report_mpps
 
 log = logging.getLogger(__name__)
@@ -89,9 +93,22 @@ def _report(session: Session, policy: StatusReporting, record: MPPSTracking,
     report_mpps(session, policy, record, status, item)
 
 
+def stored_attributes(session: Session, sop_instance_uid: str) -> str:
+    """The kept dataset of an MPPS as DICOM JSON: its N-CREATE attributes with every N-SET
+    modification applied (what an N-GET of the MPPS Retrieve SOP Class reads)."""
+    row = session.execute(select(MPPSTracking.attributes_json).where(
+        MPPSTracking.sop_instance_uid == sop_instance_uid)).one_or_none()
+    if row is None:
+        raise MppsError(NO_SUCH_SOP_INSTANCE, f"no MPPS {sop_instance_uid}")
+    if row.attributes_json is None:
+        raise MppsError(PROCESSING_FAILURE, "the dataset of this MPPS could not be kept")
+    return row.attributes_json
+
+
 def record_mpps_create(session: Session, request: MppsCreate,
-                       policy: StatusReporting = DEFAULT_REPORTING) -> MppsResult:
-    """N-CREATE: a procedure step has started on a modality."""
+                       policy: StatusReporting = DEFAULT_REPORTING, *,
+                       forward_to: Sequence[MppsDestination] = ()) -> MppsResult:
+    """N-CREATE: a procedure step has started on a modality; ``forward_to`` get a copy."""
     if request.status != MppsStatus.IN_PROGRESS:
         raise MppsError(INVALID_ATTRIBUTE_VALUE,
                         f"PerformedProcedureStepStatus must be IN PROGRESS on N-CREATE, "
@@ -118,6 +135,8 @@ def record_mpps_create(session: Session, request: MppsCreate,
         _report(session, policy, record, MppsStatus.IN_PROGRESS, item)
     if not items:
         report_mpps(session, policy, record, MppsStatus.IN_PROGRESS, None)
+    mpps_forward.enqueue(session, forward_to, request.sop_instance_uid,
+                         MppsForwardOperation.CREATE, request.attributes_json)
     session.flush()
     accessions = tuple(item.accession_number for item in items)
     if not items:
@@ -128,8 +147,10 @@ def record_mpps_create(session: Session, request: MppsCreate,
 
 
 def record_mpps_set(session: Session, request: MppsSet,
-                    policy: StatusReporting = DEFAULT_REPORTING) -> MppsResult:
-    """N-SET: attributes changed, and possibly the step completed or was discontinued."""
+                    policy: StatusReporting = DEFAULT_REPORTING, *,
+                    forward_to: Sequence[MppsDestination] = ()) -> MppsResult:
+    """N-SET: attributes changed, and possibly the step completed or was discontinued;
+    ``forward_to`` get a copy."""
     record = session.scalars(select(MPPSTracking).where(
         MPPSTracking.sop_instance_uid == request.sop_instance_uid)).one_or_none()
     if record is None:
@@ -167,6 +188,8 @@ def record_mpps_set(session: Session, request: MppsSet,
             _report(session, policy, record, new_status, item)
         if not record.items:
             report_mpps(session, policy, record, new_status, None)
+    mpps_forward.enqueue(session, forward_to, record.sop_instance_uid,
+                         MppsForwardOperation.SET, request.attributes_json)
     session.flush()
     log.info("MPPS set uid=%s status=%s accessions=%s", record.sop_instance_uid, new_status,
              ",".join(accessions))

@@ -1,9 +1,10 @@
 """purge: delete what the retention rules say is no longer needed, in short batches.
 
 Items age by their scheduled start (their creation time when the RIS sent none). Each item's
-MPPS records go with it; MPPS records that match no order, sent status messages and patients
-left without items age on their own. Pending and dead-lettered status messages are never
-purged: they are work still owed to the RIS.
+MPPS records go with it; MPPS records that match no order, sent status messages, sent MPPS
+forwards (with the status messages' retention) and patients left without items age on their
+own. Pending and dead-lettered status messages and forwards are never purged: they are work
+still owed to the RIS or a downstream MPPS SCP.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 from broker.domain import ItemStatus
 from broker.models import (
     InboundMessage,
+    MppsForward,
     MPPSItemLink,
     MPPSTracking,
     OutboxMessage,
@@ -54,6 +56,7 @@ class PurgeResult:
     patients: int = 0
     outbox: int = 0
     inbound_messages: int = 0
+    mpps_forwards: int = 0
     skipped: bool = False  # another process holds the purge lock
 
 
@@ -90,11 +93,16 @@ def _sent_outbox(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
             & (OutboxMessage.sent_at < now - dt.timedelta(days=retention.outbox_days)))
 
 
+def _sent_forwards(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
+    return ((MppsForward.state == OutboxState.SENT)
+            & (MppsForward.sent_at < now - dt.timedelta(days=retention.outbox_days)))
+
+
 DeleteBatch = Callable[[Session, list[int]], int]
 
 
-def _delete_by_id(model: type[MPPSTracking | Patient | OutboxMessage | InboundMessage],
-                  ) -> DeleteBatch:
+def _delete_by_id(model: type[MPPSTracking | Patient | OutboxMessage | InboundMessage
+                              | MppsForward]) -> DeleteBatch:
     def delete_rows(session: Session, ids: list[int]) -> int:
         return session.execute(delete(model).where(model.id.in_(ids))).rowcount
     return delete_rows
@@ -124,7 +132,7 @@ def purge(store: Store, *, retention: Retention, now: dt.datetime | None = None,
     items = _expired_items(retention, now)
     if dry_run:
         return _count(store, items, _unlinked_mpps(retention, now), _sent_outbox(retention, now),
-                      _old_inbound(retention, now))
+                      _old_inbound(retention, now), _sent_forwards(retention, now))
     with store.exclusive("purge") as mine:
         if not mine:
             log.info("purge skipped: another broker (or purge command) is purging")
@@ -154,14 +162,17 @@ def _purge(store: Store, retention: Retention, now: dt.datetime,
                            _delete_by_id(OutboxMessage))
     inbound = _batched_delete(store, select(InboundMessage.id).where(
         _old_inbound(retention, now)), _delete_by_id(InboundMessage))
-    result = PurgeResult(item_count, mpps, patients, sent, inbound)
-    log.info("purge done items=%d mpps=%d patients=%d outbox=%d inbound=%d", item_count, mpps,
-             patients, sent, inbound)
+    forwards = _batched_delete(store, select(MppsForward.id).where(
+        _sent_forwards(retention, now)), _delete_by_id(MppsForward))
+    result = PurgeResult(item_count, mpps, patients, sent, inbound, forwards)
+    log.info("purge done items=%d mpps=%d patients=%d outbox=%d inbound=%d mpps_forwards=%d",
+             item_count, mpps, patients, sent, inbound, forwards)
     return result
 
 
 def _count(store: Store, items: ColumnElement[bool], unlinked_mpps: ColumnElement[bool],
-           sent: ColumnElement[bool], inbound: ColumnElement[bool]) -> PurgeResult:
+           sent: ColumnElement[bool], inbound: ColumnElement[bool],
+           sent_forwards: ColumnElement[bool]) -> PurgeResult:
     expired_ids = select(WorklistItem.id).where(items)
     with store.reading() as session:
         item_count = session.scalar(select(func.count(WorklistItem.id)).where(items)) or 0
@@ -171,4 +182,5 @@ def _count(store: Store, items: ColumnElement[bool], unlinked_mpps: ColumnElemen
             ~Patient.items.any(~WorklistItem.id.in_(expired_ids)))) or 0
         outbox = session.scalar(select(func.count(OutboxMessage.id)).where(sent)) or 0
         old = session.scalar(select(func.count(InboundMessage.id)).where(inbound)) or 0
-    return PurgeResult(item_count, mpps, patients, outbox, old)
+        forwards = session.scalar(select(func.count(MppsForward.id)).where(sent_forwards)) or 0
+    return PurgeResult(item_count, mpps, patients, outbox, old, forwards)

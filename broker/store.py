@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -142,7 +143,8 @@ class Store:
         if self.backend != "sqlite" or not database:
             yield True
             return
-        with open(f"{database}.{name}.lock", "a+b") as handle:
+        safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        with open(f"{database}.{safe_name}.lock", "a+b") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

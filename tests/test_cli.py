@@ -87,3 +87,46 @@ def test_mpps_show_prints_the_stored_step(tmp_path, sqlite_store):
     missing = cli("mpps", "show", "9.9.9", "--config", str(config))
     assert missing.returncode == 1
     assert missing.stderr.strip() == "worklist-broker: error: no MPPS 9.9.9"
+
+
+def test_mpps_forward_list_retry_drop(tmp_path, sqlite_store):
+    from broker import mpps_forward
+    from broker.config import MppsDestination
+    from broker.outbox import Outcome, RetryPolicy
+    from tests.test_mpps_forward import forwarded_step
+
+    forwarded_step(sqlite_store, "1.2.3.4", MppsDestination(ae_title="PACS", host="10.0.0.5",
+                                                            port=104))
+    with sqlite_store.writing() as s:
+        mpps_forward.record_failure(s, 1, "PACS answered the N-CREATE with 0x0110",
+                                    outcome=Outcome.REJECTED, policy=RetryPolicy())
+    config = tmp_path / "broker.yaml"
+    config.write_text(yaml.safe_dump({"database": {"url": sqlite_store.url},
+                                      "mapping": str(REPO / "config" / "mapping.yaml")}))
+
+    def forwards(*args: str) -> subprocess.CompletedProcess[str]:
+        return cli("mpps-forward", *args, "--config", str(config))
+
+    failed = forwards("list", "--state", "failed")
+    assert failed.returncode == 0, failed.stderr
+    header, *rows = failed.stdout.splitlines()
+    assert header.startswith("ID\tSTATE\tOPERATION\tDESTINATION\tMPPS UID")
+    assert len(rows) == 1
+    assert rows[0].startswith("1\tfailed\tcreate\tPACS@10.0.0.5:104\t1.2.3.4\t1\t")
+    assert rows[0].endswith("\tPACS answered the N-CREATE with 0x0110")
+
+    assert forwards("retry").returncode == 1  # needs an ID or --all-failed
+    not_failed = forwards("retry", "2")
+    assert not_failed.returncode == 1
+    assert not_failed.stderr.strip() == (
+        "worklist-broker: error: MPPS forward 2 is not in the failed state")
+    retried = forwards("retry", "--all-failed")
+    assert retried.returncode == 0 and retried.stdout.strip() == "1 forward(s) will be sent again"
+    assert [line.split("\t")[:3] for line in forwards("list").stdout.splitlines()[1:]] == [
+        ["2", "pending", "set"], ["1", "pending", "create"]]  # newest first
+
+    dropped = forwards("drop", "1")
+    assert dropped.returncode == 0
+    assert dropped.stdout.strip() == "dropped forward 1 (N-CREATE of 1.2.3.4 to PACS@10.0.0.5:104)"
+    again = forwards("drop", "1")
+    assert again.returncode == 1 and "does not exist or was already sent" in again.stderr

@@ -31,6 +31,21 @@ def test_environment_overrides_every_section():
     assert config.ris.hl7_version == "2.5"
 
 
+def test_mpps_forward_destinations_from_the_file_or_the_environment(tmp_path):
+    assert load_config(REPO / "config" / "broker.yaml", environ={}).dicom.mpps_forward == []
+    config = load_config(REPO / "config" / "broker.yaml", environ={
+        "WLB_DICOM_MPPS_FORWARD": "[{ae_title: PACS, host: 10.0.0.5, port: 104}]",
+        "WLB_DICOM_MPPS_FORWARD_MAX_ATTEMPTS": "3"})
+    assert [d.key for d in config.dicom.mpps_forward] == ["PACS@10.0.0.5:104"]
+    assert config.dicom.mpps_forward_max_attempts == 3
+    (tmp_path / "mapping.yaml").write_text((REPO / "config" / "mapping.yaml").read_text())
+    path = tmp_path / "broker.yaml"
+    path.write_text("dicom:\n  mpps_forward:\n    - {ae_title: PACS, host: pacs, port: 104}\n"
+                    "    - {ae_title: ARCHIVE, host: archive, port: 11112}\n")
+    assert [d.ae_title for d in load_config(path, environ={}).dicom.mpps_forward] == [
+        "PACS", "ARCHIVE"]
+
+
 @pytest.mark.parametrize(("yaml_text", "environ", "message"), [
     ("dicom: {port: abc}\n", {}, "dicom.port: Input should be a valid integer"),
     ("dicom: {portt: 1}\n", {}, "dicom.portt: unknown key"),
@@ -38,6 +53,12 @@ def test_environment_overrides_every_section():
     ("mapping: missing.yaml\n", {}, "mapping: cannot read mapping file"),
     ("{}\n", {"WLB_DICOM_PROT": "1"}, "WLB_DICOM_PROT names no config key"),
     ("dicom: [1\n", {}, "not valid YAML"),
+    ("dicom: {mpps_forward: [{ae_title: PACS, host: h}]}\n", {},
+     "dicom.mpps_forward.0.port: Field required"),
+    ("dicom: {mpps_forward: [{ae_title: PACS, host: h, port: 104, aet: X}]}\n", {},
+     "dicom.mpps_forward.0.aet: unknown key"),
+    ("dicom: {mpps_forward: [{ae_title: PACS, host: h, port: 104}, "
+     "{ae_title: PACS, host: h, port: 104}]}\n", {}, "destination listed twice: PACS@h:104"),
 ])
 def test_invalid_config_names_the_key(tmp_path, yaml_text, environ, message):
     (tmp_path / "mapping.yaml").write_text((REPO / "config" / "mapping.yaml").read_text())

@@ -86,3 +86,23 @@ def test_a_second_purge_at_the_same_time_stands_aside(store):
         assert purge(store, retention=Retention(), now=NOW).worklist_items == 1
     finally:
         other.dispose()
+
+
+def test_sent_mpps_forwards_age_with_the_outbox_and_unsent_ones_stay(store):
+    from broker import mpps_forward
+    from broker.models import MppsForward
+    from tests.test_mpps_forward import forwarded_step
+
+    forwarded_step(store, "1.2.3.6")
+    with store.writing() as s:
+        create, _ = s.scalars(select(MppsForward).order_by(MppsForward.id)).all()
+        mpps_forward.mark_sent(s, create.id)
+        create.sent_at = NOW - dt.timedelta(days=6)
+    rules = Retention(outbox_days=5, mpps_days=60)
+    assert purge(store, retention=rules, now=NOW, dry_run=True).mpps_forwards == 1
+    assert purge(store, retention=rules, now=NOW).mpps_forwards == 1
+    with store.reading() as s:
+        # The N-SET is still owed downstream: it stays, whatever its age.
+        assert s.scalars(select(MppsForward.operation)).all() == ["set"]
+    assert purge(store, retention=Retention(outbox_days=5), now=NOW + dt.timedelta(days=90)
+                 ).mpps_forwards == 0

@@ -7,20 +7,27 @@ N-CREATE, 0x0121 Missing Attribute Value when it is empty, 0x0106 Invalid Attrib
 the dataset cannot be decoded or a date/time cannot be read, 0x0110 Processing Failure when the
 database fails. The core's own refusals (duplicate 0x0111, unknown instance 0x0112, an update
 after COMPLETED 0x0110) arrive as :class:`MppsError`.
+
+N-GET (MPPS Retrieve SOP Class, PS3.4 F.8) answers from the kept dataset: the requested
+attributes the broker holds (an SCU must cope with unmaintained ones being left out, F.8.2.1),
+every attribute for an empty Attribute Identifier List, 0x0112 for an unknown instance.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import generate_uid
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from broker.config import MppsDestination
 from broker.domain import (
     DEFAULT_REPORTING,
     MppsCreate,
@@ -36,6 +43,7 @@ from broker.mpps import (
     PROCESSING_FAILURE,
     record_mpps_create,
     record_mpps_set,
+    stored_attributes,
 )
 from broker.store import Store
 
@@ -170,12 +178,13 @@ def _refusal(operation: str, uid: str | None, calling_ae: str | None, status: in
     return failure(status, comment, error_id), None
 
 
-def _record(store: Store, operation: str, uid: str, calling_ae: str | None,
-            action: Callable[[Session], object]) -> Response | None:
-    """Run the core operation in its own transaction: None when it committed, else the
-    failure response (the transaction rolled back)."""
+def _record(unit: Callable[[], AbstractContextManager[Session]], operation: str, uid: str,
+            calling_ae: str | None, action: Callable[[Session], object]) -> Response | None:
+    """Run the core operation in its own unit of work (``store.writing`` or
+    ``store.reading``): None when it succeeded, else the failure response (a transaction
+    rolled back)."""
     try:
-        with store.writing() as session:
+        with unit() as session:
             action(session)
     except MppsError as exc:
         return _refusal(operation, uid, calling_ae, exc.status, exc.comment, exc.error_id)
@@ -198,7 +207,8 @@ def _record(store: Store, operation: str, uid: str, calling_ae: str | None,
 
 def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | None,
                   calling_ae_title: str | None = None,
-                  reporting: StatusReporting = DEFAULT_REPORTING) -> Response:
+                  reporting: StatusReporting = DEFAULT_REPORTING,
+                  forward_to: Sequence[MppsDestination] = ()) -> Response:
     """N-CREATE: record the step, answer Success with the attribute list, or a failure status.
 
     ``attribute_list`` is the request's decoded dataset; pynetdicom decodes it lazily, so a
@@ -214,8 +224,9 @@ def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | 
     except Exception as exc:
         return _refusal("N-CREATE", uid, calling_ae_title, INVALID_ATTRIBUTE_VALUE,
                         f"cannot decode the attribute list: {exc}")
-    refused = _record(store, "N-CREATE", uid, calling_ae_title,
-                      lambda session: record_mpps_create(session, request, reporting))
+    refused = _record(store.writing, "N-CREATE", uid, calling_ae_title,
+                      lambda session: record_mpps_create(session, request, reporting,
+                                                         forward_to=forward_to))
     if refused is not None:
         return refused
     response = Dataset()
@@ -227,7 +238,8 @@ def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | 
 
 def handle_set(store: Store, modification_list: Any, *, sop_instance_uid: str | None,
                calling_ae_title: str | None = None,
-               reporting: StatusReporting = DEFAULT_REPORTING) -> Response:
+               reporting: StatusReporting = DEFAULT_REPORTING,
+               forward_to: Sequence[MppsDestination] = ()) -> Response:
     """N-SET: update the step (and its items' status), answer with the modified attributes."""
     if not sop_instance_uid:
         return _refusal("N-SET", None, calling_ae_title, MISSING_ATTRIBUTE,
@@ -239,10 +251,43 @@ def handle_set(store: Store, modification_list: Any, *, sop_instance_uid: str | 
     except Exception as exc:
         return _refusal("N-SET", sop_instance_uid, calling_ae_title, INVALID_ATTRIBUTE_VALUE,
                         f"cannot decode the modification list: {exc}")
-    refused = _record(store, "N-SET", sop_instance_uid, calling_ae_title,
-                      lambda session: record_mpps_set(session, request, reporting))
+    refused = _record(store.writing, "N-SET", sop_instance_uid, calling_ae_title,
+                      lambda session: record_mpps_set(session, request, reporting,
+                                                      forward_to=forward_to))
     if refused is not None:
         return refused
     response = Dataset()
     response.update(modification_list)
     return SUCCESS, response
+
+
+def _selection(stored: Dataset, tags: Sequence[BaseTag]) -> Dataset:
+    if not tags:
+        return stored
+    selected = Dataset()
+    # The character set travels with the values it decodes, asked for or not (PS3.4 F.8.2.1
+    # recommends the SCU ask for it; many do not).
+    for tag in (0x00080005, *tags):
+        if tag in stored:
+            selected.add(stored[tag])
+    return selected
+
+
+def handle_get(store: Store, tags: Sequence[BaseTag], *, sop_instance_uid: str | None,
+               calling_ae_title: str | None = None) -> Response:
+    """N-GET: the requested attributes of a kept MPPS (all of them for an empty list)."""
+    uid = sop_instance_uid or ""
+    kept: list[str] = []
+    refused = _record(store.reading, "N-GET", uid, calling_ae_title,
+                      lambda session: kept.append(stored_attributes(session, uid)))
+    if refused is not None:
+        return refused
+    try:
+        stored = Dataset.from_json(kept[0])
+    except Exception as exc:
+        log.error("MPPS N-GET uid=%s: the kept dataset cannot be read: %s", uid, exc)
+        return _refusal("N-GET", uid, calling_ae_title, PROCESSING_FAILURE,
+                        "the kept dataset cannot be read")
+    log.info("MPPS N-GET uid=%s calling_ae=%s attributes=%d", uid, calling_ae_title,
+             len(tags))
+    return SUCCESS, _selection(stored, tags)

@@ -1,5 +1,5 @@
-"""An MPPS SCU for administrators and tests: act as a modality that starts and ends a procedure
-step (DCMTK ships no MPPS SCU).
+"""An MPPS SCU: for administrators and tests, act as a modality that starts and ends a procedure
+step (DCMTK ships no MPPS SCU); for the forwarder, associate and send one request at a time.
 
 ``in-progress`` is an N-CREATE, ``completed`` and ``discontinued`` an N-SET of the same
 instance. Without an explicit SOP Instance UID the UID is derived from the accession number,
@@ -43,8 +43,21 @@ _TYPE2_STEP = (
 _TYPE2_STEP_SEQUENCES = ("ReferencedStudySequence", "ScheduledProtocolCodeSequence")
 
 
+# A-ASSOCIATE-AC/RJ Result (PS3.8 9.3.3, 9.3.4).
+_ACCEPTED = 0x00
+_REJECTED_PERMANENT = 0x01
+
+
 class MppsScuError(Exception):
-    """The broker could not be reached, refused the association, or never answered."""
+    """The peer could not be reached, refused the association, or never answered.
+
+    ``permanent`` when asking again cannot help: the peer rejected the association as
+    permanent (PS3.8 9.3.4, A-ASSOCIATE-RJ result 1) or accepted no MPPS presentation context.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +119,9 @@ def set_dataset(status: str) -> Dataset:
     return ds
 
 
-def _associate(host: str, port: int, *, called_aet: str, calling_aet: str,
-               timeout: float) -> Association:
+def associate(host: str, port: int, *, called_aet: str, calling_aet: str,
+              timeout: float) -> Association:
+    """An association proposing the MPPS SOP Class, or :class:`MppsScuError` saying why not."""
     ae = AE(ae_title=calling_aet)
     ae.add_requested_context(ModalityPerformedProcedureStep)
     ae.connection_timeout = timeout
@@ -122,11 +136,39 @@ def _associate(host: str, port: int, *, called_aet: str, calling_aet: str,
     where = f"{called_aet} at {host}:{port}"
     if not connected:
         raise MppsScuError(f"cannot reach {where}: no TCP connection")
+    answer = assoc.acceptor.primitive
     if assoc.is_rejected:
-        raise MppsScuError(f"{where} rejected the association (calling AE {calling_aet})")
+        permanent = answer is not None and answer.result == _REJECTED_PERMANENT
+        reason = f": {answer.reason_str}" if answer is not None else ""
+        raise MppsScuError(f"{where} rejected the association "
+                           f"({'permanent' if permanent else 'transient'}{reason}, "
+                           f"calling AE {calling_aet})", permanent=permanent)
+    if assoc.is_aborted and answer is not None and answer.result == _ACCEPTED:
+        raise MppsScuError(f"{where} accepted no MPPS presentation context", permanent=True)
     if assoc.is_aborted:
         raise MppsScuError(f"{where} aborted the association")
     raise MppsScuError(f"{where} did not answer the association request")
+
+
+def send_request(assoc: Association, dataset: Dataset, sop_instance_uid: str, *,
+                 create: bool) -> MppsOutcome:
+    """One N-CREATE (``create``) or N-SET on an open association: the peer's status, failures
+    included; :class:`MppsScuError` when no valid response came (timeout, abort)."""
+    if create:
+        status, _ = assoc.send_n_create(dataset, ModalityPerformedProcedureStep,
+                                        sop_instance_uid)
+    else:
+        status, _ = assoc.send_n_set(dataset, ModalityPerformedProcedureStep, sop_instance_uid)
+    if "Status" not in status:
+        acceptor = assoc.acceptor
+        raise MppsScuError(f"no valid response from {acceptor.ae_title} at "
+                           f"{acceptor.address}:{acceptor.port} "
+                           "(timeout or aborted association)")
+    comment = status.get("ErrorComment")
+    error_id = status.get("ErrorID")
+    return MppsOutcome(status=int(status.Status), sop_instance_uid=sop_instance_uid,
+                       error_comment=str(comment) if comment else None,
+                       error_id=int(error_id) if error_id is not None else None)
 
 
 def send_mpps(action: MppsAction, *, accession: str, host: str, port: int,
@@ -141,25 +183,15 @@ def send_mpps(action: MppsAction, *, accession: str, host: str, port: int,
     if action not in _NEW_STATUS:
         raise ValueError(f"action must be one of {', '.join(_NEW_STATUS)}, not {action!r}")
     uid = sop_instance_uid or mpps_uid_for(accession)
-    assoc = _associate(host, port, called_aet=called_aet, calling_aet=calling_aet,
-                       timeout=timeout)
+    if action == "in-progress":
+        dataset = create_dataset(accession=accession, calling_aet=calling_aet,
+                                 modality=modality, study_instance_uid=study_instance_uid)
+    else:
+        dataset = set_dataset(_NEW_STATUS[action])
+    assoc = associate(host, port, called_aet=called_aet, calling_aet=calling_aet,
+                      timeout=timeout)
     try:
-        if action == "in-progress":
-            status, _ = assoc.send_n_create(
-                create_dataset(accession=accession, calling_aet=calling_aet, modality=modality,
-                               study_instance_uid=study_instance_uid),
-                ModalityPerformedProcedureStep, uid)
-        else:
-            status, _ = assoc.send_n_set(set_dataset(_NEW_STATUS[action]),
-                                         ModalityPerformedProcedureStep, uid)
+        return send_request(assoc, dataset, uid, create=action == "in-progress")
     finally:
         if assoc.is_established:
             assoc.release()
-    if "Status" not in status:
-        raise MppsScuError(f"no valid response from {called_aet} at {host}:{port} "
-                           "(timeout or aborted association)")
-    comment = status.get("ErrorComment")
-    error_id = status.get("ErrorID")
-    return MppsOutcome(status=int(status.Status), sop_instance_uid=uid,
-                       error_comment=str(comment) if comment else None,
-                       error_id=int(error_id) if error_id is not None else None)

@@ -1,4 +1,4 @@
-"""The DICOM SCP: Verification, Modality Worklist C-FIND and MPPS N-CREATE / N-SET.
+"""The DICOM SCP: Verification, Modality Worklist C-FIND, MPPS N-CREATE / N-SET and N-GET.
 
 Handlers stay thin (after pynetdicom's ``apps/qrscp/handlers.py``): decode, call the core,
 render. pynetdicom runs each association in its own thread, so every request opens its own
@@ -20,6 +20,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
     ModalityPerformedProcedureStep,
+    ModalityPerformedProcedureStepRetrieve,
     ModalityWorklistInformationFind,
     Verification,
 )
@@ -125,7 +126,7 @@ class DicomServer:
         # Default transfer syntaxes: implicit and explicit VR little endian (what findscu and
         # most modalities propose), deflated and big endian.
         for sop_class in (Verification, ModalityWorklistInformationFind,
-                          ModalityPerformedProcedureStep):
+                          ModalityPerformedProcedureStep, ModalityPerformedProcedureStepRetrieve):
             ae.add_supported_context(sop_class)
         # At 08:00 every modality of a site polls at once; pynetdicom's default is 10.
         ae.maximum_associations = config.max_associations
@@ -144,6 +145,7 @@ class DicomServer:
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_N_CREATE, self._on_n_create),
             (evt.EVT_N_SET, self._on_n_set),
+            (evt.EVT_N_GET, self._on_n_get),
         ]
 
     def start(self) -> None:
@@ -275,7 +277,8 @@ class DicomServer:
         return mpps.handle_create(self._store, attribute_list,
                                   sop_instance_uid=event.request.AffectedSOPInstanceUID,
                                   calling_ae_title=_calling_ae(event),
-                                  reporting=self._reporting)
+                                  reporting=self._reporting,
+                                  forward_to=self._config.mpps_forward)
 
     def _on_n_set(self, event: Event) -> mpps.Response:
         try:
@@ -286,7 +289,13 @@ class DicomServer:
         return mpps.handle_set(self._store, modification_list,
                                sop_instance_uid=event.request.RequestedSOPInstanceUID,
                                calling_ae_title=_calling_ae(event),
-                               reporting=self._reporting)
+                               reporting=self._reporting,
+                               forward_to=self._config.mpps_forward)
+
+    def _on_n_get(self, event: Event) -> mpps.Response:
+        return mpps.handle_get(self._store, event.attribute_identifiers,
+                               sop_instance_uid=event.request.RequestedSOPInstanceUID,
+                               calling_ae_title=_calling_ae(event))
 
 
 def _failure(status: int, comment: str) -> FindResponse:

@@ -1,4 +1,5 @@
-"""Test peers for the SCP: DCMTK's findscu as modalities run it, and a pynetdicom C-FIND SCU."""
+"""Test peers for the SCP: DCMTK's findscu as modalities run it, pynetdicom C-FIND and N-GET
+SCUs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 import pydicom
 from pydicom import Dataset
 from pynetdicom import AE
-from pynetdicom.sop_class import ModalityWorklistInformationFind
+from pynetdicom.sop_class import (
+    ModalityPerformedProcedureStepRetrieve,
+    ModalityWorklistInformationFind,
+)
 
 from tests.support import dcmtk
 
@@ -60,3 +64,19 @@ def find(port: int, identifier: Dataset, *, calling_aet: str = "TEST_SCU",
     finally:
         assoc.release()
     return result
+
+
+def n_get(port: int, uid: str, tags: list[int], *, calling_aet: str = "TEST_SCU",
+          ) -> tuple[Dataset, Dataset | None]:
+    """One association, one N-GET of the MPPS Retrieve SOP Class: (status, attribute list)."""
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(ModalityPerformedProcedureStepRetrieve)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    assoc = ae.associate("127.0.0.1", port, ae_title="WORKLISTS")
+    assert assoc.is_established, "association refused"
+    try:
+        status, attributes = assoc.send_n_get(tags, ModalityPerformedProcedureStepRetrieve, uid)
+    finally:
+        assoc.release()
+    assert "Status" in status, "no response from the SCP"
+    return status, attributes

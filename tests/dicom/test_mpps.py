@@ -1,4 +1,5 @@
-"""MPPS over real associations: send_mpps against the SCP, item status, outbox, refusals."""
+"""MPPS over real associations: send_mpps against the SCP, item status, outbox, refusals, and
+N-GET of the MPPS Retrieve SOP Class."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from broker.domain import ItemStatus
 from broker.models import MPPSTracking, OutboxMessage, WorklistItem
 from broker.store import Store
 from tests.dicom.conftest import Running, start_server
-from tests.dicom.scu import find
+from tests.dicom.scu import find, n_get
 from tests.support import free_port
 
 
@@ -157,3 +158,38 @@ def test_uid_is_derived_from_the_accession():
     uid = mpps_uid_for("ACC-1")
     assert uid == mpps_uid_for("ACC-1") != mpps_uid_for("ACC-2")
     assert uid.startswith("2.25.") and len(uid) <= 64 and uid[5:].isdigit()
+
+
+def test_n_get_returns_the_requested_attributes_of_the_kept_step(running: Running):
+    started = mpps(running, "in-progress", "ACC-MR-1", modality="MR",
+                   study_instance_uid="1.2.3.12")
+    uid = started.sop_instance_uid
+    status, during = n_get(running.port, uid, [0x00400252, 0x00080060])
+    assert status.Status == 0
+    assert (during.PerformedProcedureStepStatus, during.Modality) == ("IN PROGRESS", "MR")
+    assert mpps(running, "completed", "ACC-MR-1").status == 0
+
+    status, after = n_get(running.port, uid, [
+        0x00400252,  # Performed Procedure Step Status: the N-SET's value
+        0x00400250,  # Performed Procedure Step End Date: set by the N-SET only
+        0x00400270,  # Scheduled Step Attributes Sequence: the N-CREATE's, whole
+        0x00101010,  # Patient's Age: never sent, so not returned
+    ])
+    assert status.Status == 0
+    assert after.PerformedProcedureStepStatus == "COMPLETED"
+    assert after.PerformedProcedureStepEndDate
+    assert after.ScheduledStepAttributesSequence[0].AccessionNumber == "ACC-MR-1"
+    assert "PatientAge" not in after and "Modality" not in after
+    assert after.SpecificCharacterSet == "ISO_IR 192"  # the values' character set comes along
+
+    status, everything = n_get(running.port, uid, [])
+    assert status.Status == 0
+    assert everything.PerformedStationAETitle == "MPPS_SCU"
+    assert everything.PerformedProcedureStepStatus == "COMPLETED"
+
+
+def test_n_get_of_an_unknown_instance_is_0112(running: Running):
+    status, attributes = n_get(running.port, "1.2.826.0.1.3680043.10.1491.9.9", [0x00400252])
+    assert status.Status == 0x0112
+    assert attributes is None
+    assert "no MPPS" in status.ErrorComment

@@ -9,11 +9,13 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from broker.dicom.mpps_scu import mpps_uid_for
 from hl7_listener.mllp import MllpClient
+from tests.dicom.downstream import DownstreamMpps
 from tests.e2e.broker_process import REPO, BrokerProcess, start_broker
 from tests.fake_ris import FakeRis, field_of
 from tests.messages import orm
-from tests.support import dcmtk, wait_for
+from tests.support import dcmtk, free_port, wait_for
 
 ORDER = orm(control_id="MSG-E2E-1", accession="ACC-E2E-1", placer="PLC-E2E", filler="FIL-E2E",
             start="{date}093000", code="CT-HEAD^CT Head without contrast^LOCAL")
@@ -232,3 +234,47 @@ def test_status_messages_survive_sigkill_and_arrive_in_order_after_restart(tmp_p
     finally:
         second.stop()
         ris.close()
+
+
+def test_mpps_reaches_a_downstream_scp_that_comes_up_late_in_order(tmp_path):
+    pacs_port = free_port()
+    broker = start_broker(tmp_path, dicom={
+        "mpps_forward": [{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
+        "mpps_forward_retry_initial_seconds": 0.2, "mpps_forward_retry_max_seconds": 0.5})
+    pacs: DownstreamMpps | None = None
+
+    def forwards() -> list[list[str]]:
+        done = run_cli("mpps-forward", "list", "--config", str(broker.config_path))
+        assert done.returncode == 0, done.stderr
+        return [line.split("\t") for line in done.stdout.splitlines()[1:]]
+
+    try:
+        with MllpClient("127.0.0.1", broker.hl7_port) as client:
+            assert field_of(client.send(orm(accession="FWD-1", control_id="FWD-1").encode())
+                            .decode(), "MSA", 1) == "AA"
+        for action in ("in-progress", "completed"):
+            done = run_cli("mpps", action, "--accession", "FWD-1", "--port",
+                           str(broker.dicom_port))
+            assert done.returncode == 0, done.stderr  # the modality never waits for the PACS
+        wait_for(lambda: (rows := forwards()) and all("cannot reach PACS" in row[-1]
+                                                      for row in rows),
+                 timeout=20, what="a failed attempt at the PACS")
+
+        pacs = DownstreamMpps(port=pacs_port)
+        create, update = pacs.wait_for(2, timeout=30)
+        uid = mpps_uid_for("FWD-1")
+        assert [(r.operation, r.sop_instance_uid) for r in (create, update)] == [
+            ("create", uid), ("set", uid)]
+        assert create.dataset.ScheduledStepAttributesSequence[0].AccessionNumber == "FWD-1"
+        assert create.calling_ae_title == "WORKLISTS"
+        assert update.dataset.PerformedProcedureStepStatus == "COMPLETED"
+        wait_for(lambda: [row[1:3] for row in forwards()] == [["sent", "set"],
+                                                              ["sent", "create"]],
+                 timeout=20, what="both forwards marked sent")
+    finally:
+        assert broker.stop() == 0
+        if pacs is not None:
+            pacs.close()
+    assert len(pacs.received) == 2  # nothing sent twice
+    assert "Traceback" not in broker.log()
+    assert "MPPS forwarded to PACS@127.0.0.1" in broker.log()
