@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import ClassVar
 
 from sqlalchemy import (
     Date,
@@ -122,6 +123,7 @@ class OutboxMessage(Base):
     """A status message for the RIS, written in the same transaction as the change it reports."""
 
     __tablename__ = "outbox"
+    REFUSALS: ClassVar[str] = "negative_acks"  # broker.delivery's refusal counter
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # Stable MSH-10: a resend after a lost ACK carries the same id so the RIS can drop it.
@@ -195,6 +197,7 @@ class MppsForward(Base):
     """
 
     __tablename__ = "mpps_forward"
+    REFUSALS: ClassVar[str] = "refusals"  # broker.delivery's refusal counter
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     destination: Mapped[str] = mapped_column(String(300))  # MppsDestination.key, AE@host:port

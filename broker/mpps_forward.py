@@ -18,12 +18,13 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from sqlalchemy import ColumnElement, and_, delete, exists, or_, select, update
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, aliased
 
+from broker import delivery
 from broker.config import MppsDestination
+from broker.delivery import RetryPolicy
 from broker.models import MppsForward, OutboxState, utcnow
-from broker.outbox import Outcome, RetryPolicy
 from broker.store import Store
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,6 @@ def enqueue(session: Session, destinations: Sequence[MppsDestination], sop_insta
         session.add(MppsForward(destination=destination.key, sop_instance_uid=sop_instance_uid,
                                 operation=operation, dataset_json=dataset_json,
                                 state=OutboxState.PENDING, attempts=0, refusals=0))
-
-
-def _due(row: type[MppsForward], now: dt.datetime) -> ColumnElement[bool]:
-    return and_(row.state == OutboxState.PENDING,
-                or_(row.next_attempt_at.is_(None), row.next_attempt_at <= now))
 
 
 def deliverable(session: Session, destination: str, limit: int,
@@ -58,70 +54,47 @@ def deliverable(session: Session, destination: str, limit: int,
                              earlier.sop_instance_uid == MppsForward.sop_instance_uid,
                              earlier.id < MppsForward.id,
                              earlier.state != OutboxState.SENT,
-                             ~_due(earlier, now))
+                             ~delivery.due(earlier, now))
     query = (select(MppsForward)
-             .where(MppsForward.destination == destination, _due(MppsForward, now), ~blocked)
+             .where(MppsForward.destination == destination, delivery.due(MppsForward, now),
+                    ~blocked)
              .order_by(MppsForward.id)
              .limit(limit))
     return list(session.scalars(query))
 
 
 def mark_sent(session: Session, forward_id: int) -> None:
-    row = session.get(MppsForward, forward_id)
-    if row is not None:
-        row.state = OutboxState.SENT
-        row.attempts += 1
-        row.sent_at = utcnow()
-        row.next_attempt_at = None
-        row.last_error = None
+    delivery.mark_sent(session, MppsForward, forward_id)
 
 
 def record_failure(session: Session, forward_id: int, error: str, *, outcome: str,
                    policy: RetryPolicy, now: dt.datetime | None = None) -> str:
     """Count a failed attempt and decide what happens next; returns the row's new state."""
-    row = session.get(MppsForward, forward_id)
-    if row is None:
-        return OutboxState.FAILED
-    row.attempts += 1
-    row.last_error = error[:2000]
-    if outcome != Outcome.UNREACHABLE:
-        row.refusals += 1
-    if outcome == Outcome.REJECTED or row.refusals >= policy.max_attempts:
-        row.state = OutboxState.FAILED
-        row.next_attempt_at = None
+    state, row = delivery.record_failure(session, MppsForward, forward_id, error,
+                                         outcome=outcome, policy=policy, now=now)
+    if row is not None and state == OutboxState.FAILED:
         log.error("MPPS forward dead-lettered id=%d uid=%s %s to %s after %d attempts: %s",
                   row.id, row.sop_instance_uid, row.operation, row.destination, row.attempts,
                   error)
-    else:
-        row.next_attempt_at = (now or utcnow()) + policy.delay(row.attempts)
-    return row.state
+    return state
 
 
 def list_forwards(session: Session, state: str | None = None, limit: int = 100,
                   ) -> list[MppsForward]:
-    query = select(MppsForward).order_by(MppsForward.id.desc()).limit(limit)
-    if state is not None:
-        query = query.where(MppsForward.state == state)
-    return list(session.scalars(query))
+    return delivery.list_rows(session, MppsForward, state, limit)
 
 
 def retry(session: Session, forward_id: int | None = None) -> int:
     """Put one dead-lettered row (or, with None, all of them) back to be sent now."""
-    query = (update(MppsForward).where(MppsForward.state == OutboxState.FAILED)
-             .values(state=OutboxState.PENDING, refusals=0, next_attempt_at=None))
-    if forward_id is not None:
-        query = query.where(MppsForward.id == forward_id)
-    return session.execute(query).rowcount
+    return delivery.retry(session, MppsForward, forward_id)
 
 
 def drop(session: Session, forward_id: int) -> MppsForward | None:
     """Delete an unsent row for good, unblocking the later rows of its instance."""
-    row = session.get(MppsForward, forward_id)
-    if row is None or row.state == OutboxState.SENT:
-        return None
-    session.execute(delete(MppsForward).where(MppsForward.id == forward_id))
-    log.warning("MPPS forward dropped by an administrator id=%d uid=%s %s to %s", row.id,
-                row.sop_instance_uid, row.operation, row.destination)
+    row = delivery.drop(session, MppsForward, forward_id)
+    if row is not None:
+        log.warning("MPPS forward dropped by an administrator id=%d uid=%s %s to %s", row.id,
+                    row.sop_instance_uid, row.operation, row.destination)
     return row
 
 

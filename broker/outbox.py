@@ -15,34 +15,18 @@ import datetime as dt
 import json
 import logging
 import uuid
-from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, and_, delete, exists, or_, select, update
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session, aliased
 
+from broker import delivery
+from broker.delivery import Outcome, RetryPolicy
 from broker.domain import StatusEvent
 from broker.models import OutboxMessage, OutboxState, utcnow
 
+__all__ = ["Outcome", "RetryPolicy"]  # re-exported: the senders' vocabulary
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    initial_seconds: float = 5
-    max_seconds: float = 600
-    max_attempts: int = 10
-
-    def delay(self, failures: int) -> dt.timedelta:
-        exponent = min(max(failures - 1, 0), 30)
-        return dt.timedelta(seconds=min(self.initial_seconds * 2**exponent, self.max_seconds))
-
-
-class Outcome:
-    """How one delivery attempt ended, as the sender saw it."""
-
-    UNREACHABLE = "unreachable"  # no connection or no reply: retry, never dead-letter
-    NEGATIVE = "negative"  # AE/CE, a wrong MSA-2 or not an ACK: retry, up to max_attempts
-    REJECTED = "rejected"  # AR/CR: dead-letter at once
 
 
 def new_message_control_id() -> str:
@@ -92,11 +76,6 @@ def decode_event(payload_json: str) -> StatusEvent:
     return StatusEvent(**data)
 
 
-def _due(message: type[OutboxMessage], now: dt.datetime) -> ColumnElement[bool]:
-    return and_(message.state == OutboxState.PENDING,
-                or_(message.next_attempt_at.is_(None), message.next_attempt_at <= now))
-
-
 def deliverable(session: Session, limit: int, now: dt.datetime | None = None,
                 ) -> list[OutboxMessage]:
     """Messages due now, oldest first, leaving out any whose order has an older message that
@@ -110,70 +89,47 @@ def deliverable(session: Session, limit: int, now: dt.datetime | None = None,
     blocked = exists().where(earlier.accession_number == OutboxMessage.accession_number,
                              earlier.id < OutboxMessage.id,
                              earlier.state != OutboxState.SENT,
-                             ~_due(earlier, now))
+                             ~delivery.due(earlier, now))
     query = (select(OutboxMessage)
-             .where(_due(OutboxMessage, now), ~blocked)
+             .where(delivery.due(OutboxMessage, now), ~blocked)
              .order_by(OutboxMessage.id)
              .limit(limit))
     return list(session.scalars(query))
 
 
 def mark_sent(session: Session, message_id: int) -> None:
-    message = session.get(OutboxMessage, message_id)
-    if message is not None:
-        message.state = OutboxState.SENT
-        message.attempts += 1
-        message.sent_at = utcnow()
-        message.next_attempt_at = None
-        message.last_error = None
+    delivery.mark_sent(session, OutboxMessage, message_id)
 
 
 def record_failure(session: Session, message_id: int, error: str, *,
                    outcome: str = Outcome.UNREACHABLE, policy: RetryPolicy | None = None,
                    now: dt.datetime | None = None) -> str:
     """Count a failed attempt and decide what happens next; returns the message's new state."""
-    policy = policy or RetryPolicy()
-    message = session.get(OutboxMessage, message_id)
-    if message is None:
-        return OutboxState.FAILED
-    message.attempts += 1
-    message.last_error = error[:2000]
-    if outcome != Outcome.UNREACHABLE:
-        message.negative_acks += 1
-    if outcome == Outcome.REJECTED or message.negative_acks >= policy.max_attempts:
-        message.state = OutboxState.FAILED
-        message.next_attempt_at = None
+    state, message = delivery.record_failure(session, OutboxMessage, message_id, error,
+                                             outcome=outcome, policy=policy or RetryPolicy(),
+                                             now=now)
+    if message is not None and state == OutboxState.FAILED:
         log.error("status message dead-lettered msh10=%s accession=%s after %d attempts: %s",
                   message.message_control_id, message.accession_number, message.attempts,
                   error)
-    else:
-        message.next_attempt_at = (now or utcnow()) + policy.delay(message.attempts)
-    return message.state
+    return state
 
 
 def list_messages(session: Session, state: str | None = None, limit: int = 100,
                   ) -> list[OutboxMessage]:
-    query = select(OutboxMessage).order_by(OutboxMessage.id.desc()).limit(limit)
-    if state is not None:
-        query = query.where(OutboxMessage.state == state)
-    return list(session.scalars(query))
+    return delivery.list_rows(session, OutboxMessage, state, limit)
 
 
 def retry(session: Session, message_id: int | None = None) -> int:
     """Put one dead-lettered message (or, with None, all of them) back to be sent now."""
-    query = (update(OutboxMessage).where(OutboxMessage.state == OutboxState.FAILED)
-             .values(state=OutboxState.PENDING, negative_acks=0, next_attempt_at=None))
-    if message_id is not None:
-        query = query.where(OutboxMessage.id == message_id)
-    return session.execute(query).rowcount
+    return delivery.retry(session, OutboxMessage, message_id)
 
 
 def drop(session: Session, message_id: int) -> OutboxMessage | None:
     """Delete an unsent message for good, unblocking later messages of its order."""
-    message = session.get(OutboxMessage, message_id)
-    if message is None or message.state == OutboxState.SENT:
-        return None
-    session.execute(delete(OutboxMessage).where(OutboxMessage.id == message_id))
-    log.warning("status message dropped by an administrator msh10=%s accession=%s event=%s",
-                message.message_control_id, message.accession_number, message.event)
+    message = delivery.drop(session, OutboxMessage, message_id)
+    if message is not None:
+        log.warning("status message dropped by an administrator msh10=%s accession=%s "
+                    "event=%s", message.message_control_id, message.accession_number,
+                    message.event)
     return message

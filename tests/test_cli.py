@@ -92,7 +92,7 @@ def test_mpps_show_prints_the_stored_step(tmp_path, sqlite_store):
 def test_mpps_forward_list_retry_drop(tmp_path, sqlite_store):
     from broker import mpps_forward
     from broker.config import MppsDestination
-    from broker.outbox import Outcome, RetryPolicy
+    from broker.delivery import Outcome, RetryPolicy
     from tests.test_mpps_forward import forwarded_step
 
     forwarded_step(sqlite_store, "1.2.3.4", MppsDestination(ae_title="PACS", host="10.0.0.5",

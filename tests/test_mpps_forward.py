@@ -10,11 +10,11 @@ from sqlalchemy import select
 
 from broker import mpps_forward
 from broker.config import MppsDestination
+from broker.delivery import Outcome, RetryPolicy
 from broker.domain import MppsCreate, MppsSet, ScheduledStepRef
 from broker.errors import MppsError
 from broker.models import MppsForward, OutboxState
 from broker.mpps import record_mpps_create, record_mpps_set
-from broker.outbox import Outcome, RetryPolicy
 
 PACS = MppsDestination(ae_title="PACS", host="127.0.0.1", port=11112)
 ARCHIVE = MppsDestination(ae_title="ARCHIVE", host="127.0.0.1", port=11113)

@@ -23,10 +23,10 @@ from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from broker import mpps_forward
 from broker.config import DicomConfig, MppsDestination
+from broker.delivery import Outcome, RetryPolicy
 from broker.dicom.mpps_scu import MppsScuError, associate, send_request
 from broker.models import MppsForwardOperation
 from broker.mpps import DUPLICATE_SOP_INSTANCE
-from broker.outbox import Outcome, RetryPolicy
 from broker.store import Store
 
 log = logging.getLogger(__name__)
