@@ -69,6 +69,9 @@ class DicomConfig(_Section):
     unencodable: Literal["transliterate", "replace"] = "transliterate"
     # A query with no date and no identifying key gets today +/- this many days (None: off).
     universal_query_days: int | None = Field(None, ge=0, le=3650)
+    # Person name keys (Patient's Name, physicians) match case-sensitively: PS3.4 C.2.2.2.1
+    # leaves PN case to the SCP, and modalities type names in any case, so off by default.
+    names_case_sensitive: bool = False
 
     @field_validator("ae_title")
     @classmethod

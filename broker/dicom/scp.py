@@ -194,7 +194,9 @@ class DicomServer:
                 modality = self._config.modalities.get(calling_ae)
                 character_set = modality.character_set if modality is not None else None
                 query = self._site_policy(
-                    query_from_identifier(identifier, max_matches=self._config.max_matches),
+                    query_from_identifier(
+                        identifier, max_matches=self._config.max_matches,
+                        names_case_sensitive=self._config.names_case_sensitive),
                     calling_ae)
                 render = response_renderer(identifier)
             except Exception as exc:

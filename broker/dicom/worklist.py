@@ -73,13 +73,20 @@ SPS_STATUS_TERMS: dict[ItemStatus, str] = {
 }
 
 # Top-level keys and keys of the first Scheduled Procedure Step item that become filters.
+# Every attribute the broker stores is a matching key (docs/worklist-matching.md).
 _TOP_KEYS: dict[int, str] = {
     ACCESSION_NUMBER: "accession_number",
     PATIENT_ID: "patient_id",
     ISSUER_OF_PATIENT_ID: "issuer_of_patient_id",
     PATIENT_NAME: "patient_name",
+    PATIENT_BIRTH_DATE: "patient_birth_date",
+    PATIENT_SEX: "patient_sex",
     REFERRING_PHYSICIAN: "referring_physician_name",
+    REQUESTING_PHYSICIAN: "requesting_physician",
+    PLACER_ORDER: "placer_order_number",
+    FILLER_ORDER: "filler_order_number",
     REQUESTED_PROCEDURE_ID: "requested_procedure_id",
+    REQUESTED_PROCEDURE_DESCRIPTION: "requested_procedure_description",
     STUDY_INSTANCE_UID: "study_instance_uid",
 }
 _SPS_KEYS: dict[int, str] = {
@@ -88,7 +95,14 @@ _SPS_KEYS: dict[int, str] = {
     SPS_START_DATE: "scheduled_start_date",
     SPS_START_TIME: "scheduled_start_time",
     SPS_ID: "sps_id",
+    SPS_DESCRIPTION: "sps_description",
 }
+_CODE_KEYS: dict[int, str] = {
+    CODE_VALUE: "requested_procedure_code_value",
+    CODING_SCHEME: "requested_procedure_code_scheme",
+    CODE_MEANING: "requested_procedure_code_meaning",
+}
+_NAME_KEYS = ("patient_name", "referring_physician_name", "requesting_physician")
 
 
 # --- request -> query -------------------------------------------------------------------
@@ -129,30 +143,40 @@ def _statuses(value: str) -> tuple[ItemStatus, ...]:
                  if any(p.fullmatch(term) for p in patterns))
 
 
-def query_from_identifier(identifier: Dataset, *, max_matches: int) -> WorklistQuery:
+def _item_keys(identifier: Dataset, sequence: int, keys: Mapping[int, str]) -> dict[str, Any]:
+    """The keys of a sequence key's item (PS3.4 C.2.2.2.6: a single item); none when the
+    sequence is zero-length or its item empty (universal matching)."""
+    if sequence not in identifier:
+        return {}
+    items = identifier[sequence].value
+    if not items:
+        return {}
+    return {name: _key(items[0], tag) for tag, name in keys.items()}
+
+
+def query_from_identifier(identifier: Dataset, *, max_matches: int,
+                          names_case_sensitive: bool = False) -> WorklistQuery:
     """The worklist query a C-FIND identifier asks.
 
-    Reads the top-level keys and those of the first item of the Scheduled Procedure Step
-    Sequence (PS3.4 C.2.2.2.6: a sequence key has a single item). pydicom decodes the values
-    with the identifier's Specific Character Set. Keys the broker does not match on are
-    universal; a malformed date or time is reported when the query runs
-    (:class:`broker.matching.InvalidQuery`).
+    Reads the top-level keys and those of the single item of the Scheduled Procedure Step
+    Sequence and of the Requested Procedure Code Sequence (PS3.4 C.2.2.2.6). pydicom decodes
+    the values with the identifier's Specific Character Set. Keys the broker does not store,
+    in these items or anywhere else, are universal; a malformed date or time is reported when
+    the query runs (:class:`broker.matching.InvalidQuery`).
     """
     fields: dict[str, Any] = {name: _key(identifier, tag) for tag, name in _TOP_KEYS.items()}
-    for name in ("patient_name", "referring_physician_name"):
+    fields.update(_item_keys(identifier, SPS_SEQUENCE, _SPS_KEYS))
+    fields.update(_item_keys(identifier, CODE_SEQUENCE, _CODE_KEYS))
+    for name in _NAME_KEYS:
         # Empty trailing PN components and groups ("DOE^JOHN^^^", "DOE^JOHN==") name the same
         # person as "DOE^JOHN" (PS3.5 6.2.1), the form names are stored in.
         if fields[name] is not None:
             fields[name] = fields[name].rstrip("^=") or None
-    if SPS_SEQUENCE in identifier:
-        items = identifier[SPS_SEQUENCE].value
-        if items:
-            step = items[0]
-            fields.update({name: _key(step, tag) for tag, name in _SPS_KEYS.items()})
-            status = _key(step, SPS_STATUS)
-            if status is not None and status != "*":
-                fields["statuses"] = _statuses(status)
-    return WorklistQuery(limit=max_matches, **fields)
+    status = _item_keys(identifier, SPS_SEQUENCE, {SPS_STATUS: "status"}).get("status")
+    if status is not None and status != "*":
+        fields["statuses"] = _statuses(status)
+    return WorklistQuery(limit=max_matches, names_case_sensitive=names_case_sensitive,
+                         **fields)
 
 
 # --- row -> response --------------------------------------------------------------------

@@ -412,3 +412,18 @@ def test_universal_query_window(tmp_path):
     finally:
         server.stop()
         store.dispose()
+
+
+def test_names_case_sensitive_is_a_site_setting(worklist_store):
+    identifier = Dataset()
+    identifier.PatientName = "doe^john"
+    identifier.AccessionNumber = ""
+    default = start_server(worklist_store)
+    strict = start_server(worklist_store, names_case_sensitive=True)
+    try:
+        assert [r.AccessionNumber for r in find(default.port, identifier).identifiers] == [
+            "ACC-CT-1"]
+        assert find(strict.port, identifier).identifiers == []
+    finally:
+        default.stop()
+        strict.stop()
