@@ -61,6 +61,10 @@ SPS_ID = _tag("ScheduledProcedureStepID")
 SPS_DESCRIPTION = _tag("ScheduledProcedureStepDescription")
 SPS_STATUS = _tag("ScheduledProcedureStepStatus")
 PERFORMING_PHYSICIAN = _tag("ScheduledPerformingPhysicianName")
+STATION_NAME = _tag("ScheduledStationName")
+SPS_LOCATION = _tag("ScheduledProcedureStepLocation")
+PRE_MEDICATION = _tag("PreMedication")
+CONTRAST_AGENT = _tag("RequestedContrastAgent")
 
 # Scheduled Procedure Step Status (0040,0020) defined terms (PS3.3 C.4.10). The broker's
 # IN PROGRESS is the modality's STARTED; DICOM spells CANCELED with one L.
@@ -238,13 +242,17 @@ def _plain(tag: int, vr: str) -> _Key:
     return _Key(tag, vr)
 
 
-# What a zero-length sequence key (or one with an empty item) returns: the whole item as
-# the broker keeps it (PS3.4 C.2.2.2.6, K.2.2.1.2 note 4).
+# What a zero-length sequence key (or one with an empty item) returns: the whole item
+# (PS3.4 C.2.2.2.6, K.2.2.1.2 note 4), that is every Type 1, 1C, 2 and 2C attribute of
+# PS3.4 table K.6-1 for it (empty when the broker does not keep it) and the Type 3 ones the
+# broker keeps.
 _FULL_ITEMS: dict[int, tuple[_Key, ...]] = {
     SPS_SEQUENCE: (
         _plain(MODALITY, "CS"), _plain(STATION_AE_TITLE, "AE"), _plain(SPS_START_DATE, "DA"),
         _plain(SPS_START_TIME, "TM"), _plain(PERFORMING_PHYSICIAN, "PN"),
-        _plain(SPS_DESCRIPTION, "LO"), _plain(SPS_ID, "SH"), _plain(SPS_STATUS, "CS"),
+        _plain(SPS_DESCRIPTION, "LO"), _plain(SPS_ID, "SH"), _plain(STATION_NAME, "SH"),
+        _plain(SPS_LOCATION, "SH"), _plain(PRE_MEDICATION, "LO"),
+        _plain(CONTRAST_AGENT, "LO"), _plain(SPS_STATUS, "CS"),
     ),
     CODE_SEQUENCE: (
         _plain(CODE_VALUE, "SH"), _plain(CODING_SCHEME, "SH"), _plain(CODE_MEANING, "LO"),
