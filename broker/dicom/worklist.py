@@ -76,8 +76,8 @@ SPS_STATUS_TERMS: dict[ItemStatus, str] = {
     ItemStatus.CANCELLED: "CANCELED",
 }
 
-# Top-level keys and keys of the first Scheduled Procedure Step item that become filters.
-# Every attribute the broker stores is a matching key (docs/worklist-matching.md).
+# The keys that become filters, at the top level and in the single item of a sequence key:
+# every attribute the broker stores (docs/worklist-matching.md).
 _TOP_KEYS: dict[int, str] = {
     ACCESSION_NUMBER: "accession_number",
     PATIENT_ID: "patient_id",
@@ -169,16 +169,16 @@ def query_from_identifier(identifier: Dataset, *, max_matches: int,
     the query runs (:class:`broker.matching.InvalidQuery`).
     """
     fields: dict[str, Any] = {name: _key(identifier, tag) for tag, name in _TOP_KEYS.items()}
-    fields.update(_item_keys(identifier, SPS_SEQUENCE, _SPS_KEYS))
+    fields.update(_item_keys(identifier, SPS_SEQUENCE, {**_SPS_KEYS, SPS_STATUS: "status"}))
     fields.update(_item_keys(identifier, CODE_SEQUENCE, _CODE_KEYS))
+    status = fields.pop("status", None)
+    if status is not None and status != "*":
+        fields["statuses"] = _statuses(status)
     for name in _NAME_KEYS:
         # Empty trailing PN components and groups ("DOE^JOHN^^^", "DOE^JOHN==") name the same
         # person as "DOE^JOHN" (PS3.5 6.2.1), the form names are stored in.
         if fields[name] is not None:
             fields[name] = fields[name].rstrip("^=") or None
-    status = _item_keys(identifier, SPS_SEQUENCE, {SPS_STATUS: "status"}).get("status")
-    if status is not None and status != "*":
-        fields["statuses"] = _statuses(status)
     return WorklistQuery(limit=max_matches, names_case_sensitive=names_case_sensitive,
                          **fields)
 
