@@ -109,6 +109,10 @@ class DicomConfig(_Section):
             raise ValueError(f"destination listed twice: {', '.join(repeated)}")
         return value
 
+    # Person name keys (Patient's Name, physicians) match case-sensitively: PS3.4 C.2.2.2.1
+    # leaves PN case to the SCP, and modalities type names in any case, so off by default.
+    names_case_sensitive: bool = False
+
     @field_validator("ae_title")
     @classmethod
     def _ae_title_chars(cls, value: str) -> str:

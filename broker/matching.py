@@ -5,13 +5,19 @@ One function per matching type, after pynetdicom's ``apps/qrscp/db.py``:
 - universal matching (C.2.2.2.3): no value, or a lone ``*`` -> no filter at all, so items
   whose attribute is empty still match;
 - single value matching (C.2.2.2.1): ``column = value``; for PN the broker uses the freedom
-  the standard gives and matches case-insensitively by default;
+  the standard gives and matches case-insensitively by default, component group by component
+  group (see :func:`person_name_pattern`);
 - wild card matching (C.2.2.2.4): ``*`` and ``?`` become SQL ``%`` and ``_``, while a literal
   ``%``, ``_`` or the escape character in the value is escaped, so ``50%`` matches only
   ``50%``;
 - list of UID matching (C.2.2.2.2): ``uid1\\uid2`` -> ``IN``;
 - range matching (C.2.2.2.5) on the scheduled start date and time, which the store keeps as
-  one naive ``DateTime`` column, see :func:`start_interval`.
+  one naive ``DateTime`` column, see :func:`start_interval`, and on the patient's birth date;
+- sequence matching (C.2.2.2.6): the broker keeps one item per sequence (one scheduled step,
+  one requested procedure code), so the keys of the request's item are matched against it.
+
+Every attribute the broker stores is a matching key; every other key is matched universally
+(it never fails a query), see docs/worklist-matching.md.
 
 Every filter is pushed into the one SQL statement :func:`find_worklist` runs; nothing loops over
 rows in Python. This module knows nothing of pydicom: the DICOM edge reads the identifier into
@@ -70,14 +76,25 @@ class WorklistQuery:
     patient_id: str | None = None
     issuer_of_patient_id: str | None = None
     patient_name: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
     referring_physician_name: str | None = None
+    requesting_physician: str | None = None
+    placer_order_number: str | None = None
+    filler_order_number: str | None = None
     requested_procedure_id: str | None = None
+    requested_procedure_description: str | None = None
     study_instance_uid: str | None = None
+    # Requested Procedure Code Sequence: the keys of its one request item (C.2.2.2.6).
+    requested_procedure_code_value: str | None = None
+    requested_procedure_code_scheme: str | None = None
+    requested_procedure_code_meaning: str | None = None
     modality: str | None = None
     scheduled_station_ae_title: str | None = None
     scheduled_start_date: str | None = None
     scheduled_start_time: str | None = None
     sps_id: str | None = None
+    sps_description: str | None = None
     statuses: tuple[ItemStatus, ...] = VISIBLE_STATUSES
     limit: int = DEFAULT_LIMIT
     # PS3.4 C.2.2.2.1 lets PN matching ignore case; modalities type names in any case.
@@ -93,10 +110,6 @@ Condition = ColumnElement[bool]
 
 
 # --- text: single value, wild card, lists --------------------------------------------------
-
-def _like_literal(text: str) -> str:
-    return "".join(_LIKE_SPECIAL.get(ch, ch) for ch in text)
-
 
 def _like_pattern(value: str) -> str:
     # DICOM has no escape for its wild cards (C.2.2.2.4): every * and ? is one.
@@ -116,30 +129,23 @@ def _glob_pattern(value: str) -> str:
     return value.replace("[", "[[]")
 
 
-def match_single_value(column: Column, value: str, *, case_insensitive: bool = False) -> Condition:
-    """PS3.4 C.2.2.2.1: the attribute equals the value (for PN optionally ignoring case)."""
-    if case_insensitive:
-        return column.ilike(_like_literal(value), escape=_ESCAPE)
+def match_single_value(column: Column, value: str) -> Condition:
+    """PS3.4 C.2.2.2.1: the attribute equals the value, case-sensitively."""
     return column == value
 
 
-def match_wildcard(column: Column, value: str, *, dialect: str,
-                   case_insensitive: bool = False) -> Condition:
-    """PS3.4 C.2.2.2.4: ``*`` any run of characters, ``?`` any one character.
+def match_wildcard(column: Column, value: str, *, dialect: str) -> Condition:
+    """PS3.4 C.2.2.2.4: ``*`` any run of characters, ``?`` any one character, case-sensitive.
 
-    Case-sensitive except where ``case_insensitive`` (PN). SQLite's LIKE ignores ASCII case
-    whatever is asked, so a case-sensitive match there is GLOB, whose wild cards are DICOM's.
-    Case-insensitive matching on SQLite folds ASCII letters only (its ``lower()``).
+    SQLite's LIKE ignores ASCII case whatever is asked, so there it is GLOB, whose wild cards
+    are DICOM's.
     """
-    if case_insensitive:
-        return column.ilike(_like_pattern(value), escape=_ESCAPE)
     if dialect == "sqlite":
         return column.op("GLOB")(_glob_pattern(value))
     return column.like(_like_pattern(value), escape=_ESCAPE)
 
 
-def match_text(column: Column, value: str | None, *, dialect: str,
-               case_insensitive: bool = False) -> Condition | None:
+def match_text(column: Column, value: str | None, *, dialect: str) -> Condition | None:
     """Universal, single value or wild card matching, chosen by the value; ``None`` = no filter.
 
     Several values separated by ``\\`` match if any does. PS3.4 C.2.2.2.8 leaves multiple
@@ -156,11 +162,9 @@ def match_text(column: Column, value: str | None, *, dialect: str,
         if not part:
             continue
         if "*" in part or "?" in part:
-            conditions.append(match_wildcard(column, part, dialect=dialect,
-                                             case_insensitive=case_insensitive))
+            conditions.append(match_wildcard(column, part, dialect=dialect))
         else:
-            conditions.append(match_single_value(column, part,
-                                                 case_insensitive=case_insensitive))
+            conditions.append(match_single_value(column, part))
     if not conditions:
         return None
     return conditions[0] if len(conditions) == 1 else or_(*conditions)
@@ -174,6 +178,84 @@ def match_uid_list(column: Column, value: str | None) -> Condition | None:
     if not uids:
         return None
     return column == uids[0] if len(uids) == 1 else column.in_(uids)
+
+
+# --- person names -----------------------------------------------------------------------
+
+# What must be escaped to stay literal in both Python's and PostgreSQL's regular expressions.
+_REGEX_SPECIAL = frozenset("\\.^$*+?{}[]|()")
+
+
+def _name_group_pattern(group: str) -> str:
+    """One component group of a PN key as a regular expression over one stored group.
+
+    DICOM wild cards never reach across a component group delimiter "=", and empty trailing
+    components ("DOE^JOHN^^") name the same person as without them (PS3.5 6.2.1).
+    """
+    out = []
+    for ch in group.rstrip("^"):
+        if ch == "*":
+            out.append("[^=]*")
+        elif ch == "?":
+            out.append("[^=]")
+        elif ch in _REGEX_SPECIAL:
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out) + r"\^*"
+
+
+def person_name_pattern(value: str) -> str | None:
+    """A PN key (single value or wild card) as a regular expression; ``None`` = universal.
+
+    A PN value has up to three component groups, alphabetic=ideographic=phonetic
+    (``Yamada^Tarou=山田^太郎=やまだ^たろう``, PS3.5 6.2.1.2). PS3.4 C.2.2.2.1 and C.2.2.2.4
+    leave PN matching to the implementation; the broker's rule:
+
+    - a key without "=" matches if any one group of the stored name matches it, so a
+      modality that types only the ideographic name (or only the romanised one) finds it;
+    - a key with "=" matches group by group: each non-empty group of the key must match the
+      stored group in the same position; an empty group (or ``*``) matches anything there.
+      A stored name without that group fails (an unknown value matches no key, K.2.2.1.1.1).
+    """
+    groups = [group.rstrip("^") for group in value.split("=")]
+    while groups and groups[-1] in ("", "*"):
+        groups.pop()
+    if not groups:
+        return None
+    if len(groups) == 1:
+        return f"(^|=){_name_group_pattern(groups[0])}(=|$)"
+    parts = ["[^=]*" if group in ("", "*") else _name_group_pattern(group) for group in groups]
+    return "^" + "=".join(parts) + "(=|$)"
+
+
+def _regex(column: Column, pattern: str, *, dialect: str, case_insensitive: bool) -> Condition:
+    if dialect == "sqlite":
+        # SQLAlchemy's pysqlite REGEXP is Python's re.search, which takes no separate flags;
+        # its IGNORECASE folds all of Unicode (Müller = MÜLLER), not ASCII only as LIKE does.
+        return column.regexp_match(f"(?i){pattern}" if case_insensitive else pattern)
+    return column.regexp_match(pattern, flags="i" if case_insensitive else None)
+
+
+def match_person_name(column: Column, value: str | None, *, dialect: str,
+                      case_insensitive: bool = True) -> Condition | None:
+    """A PN key: single value or wild card matching per :func:`person_name_pattern`, case-
+    insensitive unless asked otherwise; several values separated by ``\\`` match if any
+    does. ``None`` = no filter."""
+    if value is None:
+        return None
+    conditions: list[Condition] = []
+    for part in (part.strip() for part in value.split("\\")):
+        if not part:
+            continue
+        pattern = person_name_pattern(part)
+        if pattern is None:
+            return None  # "*" (C.2.2.2.4), or nothing asked of any group: universal
+        conditions.append(_regex(column, pattern, dialect=dialect,
+                                 case_insensitive=case_insensitive))
+    if not conditions:
+        return None
+    return conditions[0] if len(conditions) == 1 else or_(*conditions)
 
 
 # --- dates and times --------------------------------------------------------------------
@@ -281,6 +363,23 @@ def start_interval(date_value: str | None,
     return low, high
 
 
+def match_date(column: Column, value: str | None) -> list[Condition]:
+    """PS3.4 C.2.2.2.1 / C.2.2.2.5 on a DA column: a date, ``A-B``, ``-B`` or ``A-``."""
+    if not value:
+        return []
+    low_text, high_text = _split_range(value, "date")
+    low = parse_date(low_text) if low_text else None
+    high = parse_date(high_text) if high_text else None
+    if low and high and low > high:
+        raise InvalidQuery(f"date range {value!r} ends before it starts")
+    found: list[Condition] = []
+    if low is not None:
+        found.append(column >= low)
+    if high is not None:
+        found.append(column <= high)
+    return found
+
+
 def _time_of_day(column: Column, dialect: str) -> tuple[ColumnElement[Any], Any]:
     """An SQL expression for the column's time of day, and how to render a bound for it."""
     if dialect == "sqlite":
@@ -338,24 +437,39 @@ _COLUMNS = (
 
 def conditions(query: WorklistQuery, dialect: str) -> list[Condition]:
     """Every filter the query asks for, ready for ``select(...).where(*conditions)``."""
-    names_ci = not query.names_case_sensitive
-    text_keys: list[tuple[Column, str | None, bool]] = [
-        (WorklistItem.accession_number, query.accession_number, False),
-        (Patient.patient_id, query.patient_id, False),
-        (Patient.issuer_of_patient_id, query.issuer_of_patient_id, False),
-        (Patient.patient_name, query.patient_name, names_ci),
-        (WorklistItem.referring_physician_name, query.referring_physician_name, names_ci),
-        (WorklistItem.requested_procedure_id, query.requested_procedure_id, False),
-        (WorklistItem.modality, query.modality, False),
-        (WorklistItem.scheduled_station_ae_title, query.scheduled_station_ae_title, False),
-        (WorklistItem.sps_id, query.sps_id, False),
+    text_keys: list[tuple[Column, str | None]] = [
+        (WorklistItem.accession_number, query.accession_number),
+        (Patient.patient_id, query.patient_id),
+        (Patient.issuer_of_patient_id, query.issuer_of_patient_id),
+        (Patient.sex, query.patient_sex),
+        (WorklistItem.placer_order_number, query.placer_order_number),
+        (WorklistItem.filler_order_number, query.filler_order_number),
+        (WorklistItem.requested_procedure_id, query.requested_procedure_id),
+        (WorklistItem.requested_procedure_description, query.requested_procedure_description),
+        (WorklistItem.requested_procedure_code_value, query.requested_procedure_code_value),
+        (WorklistItem.requested_procedure_code_scheme, query.requested_procedure_code_scheme),
+        (WorklistItem.requested_procedure_code_meaning, query.requested_procedure_code_meaning),
+        (WorklistItem.modality, query.modality),
+        (WorklistItem.scheduled_station_ae_title, query.scheduled_station_ae_title),
+        (WorklistItem.sps_id, query.sps_id),
+        (WorklistItem.sps_description, query.sps_description),
+    ]
+    name_keys: list[tuple[Column, str | None]] = [
+        (Patient.patient_name, query.patient_name),
+        (WorklistItem.referring_physician_name, query.referring_physician_name),
+        (WorklistItem.requesting_physician, query.requesting_physician),
     ]
     found: list[Condition] = [WorklistItem.status.in_([str(s) for s in query.statuses])]
-    for column, value, case_insensitive in text_keys:
-        condition = match_text(column, value, dialect=dialect,
-                               case_insensitive=case_insensitive)
+    for column, value in text_keys:
+        condition = match_text(column, value, dialect=dialect)
         if condition is not None:
             found.append(condition)
+    for column, value in name_keys:
+        condition = match_person_name(column, value, dialect=dialect,
+                                      case_insensitive=not query.names_case_sensitive)
+        if condition is not None:
+            found.append(condition)
+    found.extend(match_date(Patient.birth_date, query.patient_birth_date))
     uid = match_uid_list(WorklistItem.study_instance_uid, query.study_instance_uid)
     if uid is not None:
         found.append(uid)

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from broker.store import Store
-from tests.support import PG_URL
+from tests.support import fresh_pg_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _pg_store() -> Iterator[Store]:
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in PG_URL else "?"
-    store = Store(f"{PG_URL}{sep}options=-csearch_path%3D{schema}", pool_size=5)
-    try:
-        store.create_schema()
+    with fresh_pg_store() as store:
         yield store
-    finally:
-        store.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture

@@ -6,9 +6,15 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
+
+from sqlalchemy import create_engine, text
+
+from broker.store import Store
 
 T = TypeVar("T")
 
@@ -19,6 +25,34 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on the port."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def fresh_pg_store() -> Iterator[Store]:
+    """A store on the PostgreSQL test database, in a schema of its own dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_URL else "?"
+    store = Store(f"{PG_URL}{sep}options=-csearch_path%3D{schema}", pool_size=5)
+    try:
+        store.create_schema()
+        yield store
+    finally:
+        store.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,

@@ -181,3 +181,121 @@ def test_query_is_a_plain_value_object():
     query = WorklistQuery(accession_number="X")
     assert dataclasses.replace(query, limit=5).limit == 5
     assert query.statuses == (ItemStatus.SCHEDULED, ItemStatus.IN_PROGRESS)
+
+
+# --- every stored attribute is a matching key ----------------------------------------------
+
+RICH = [
+    Order(OrderControl.NEW,
+          PatientData(patient_id="R1", patient_name="Yamada^Tarou=山田^太郎=やまだ^たろう",
+                      birth_date=dt.date(1970, 5, 17), sex="M"),
+          ProcedureData(accession_number="R-1", study_instance_uid="1.2.9.1",
+                        modality="CT", scheduled_start=dt.datetime(2026, 3, 2, 8, 0),
+                        requesting_physician="WILSON^JAMES", placer_order_number="PL-1",
+                        filler_order_number="FI-1", requested_procedure_description="CT HEAD",
+                        requested_procedure_code_value="CTHEAD",
+                        requested_procedure_code_scheme="LOCAL",
+                        requested_procedure_code_meaning="CT head plain",
+                        sps_description="Head without contrast")),
+    Order(OrderControl.NEW,
+          PatientData(patient_id="R2", patient_name="Müller^Hans", birth_date=dt.date(1955, 1, 2),
+                      sex="F"),
+          ProcedureData(accession_number="R-2", study_instance_uid="1.2.9.2",
+                        modality="MR", scheduled_start=dt.datetime(2026, 3, 2, 9, 0),
+                        requesting_physician="CUDDY^LISA", referring_physician_name="HOUSE^G",
+                        requested_procedure_code_value="MRKNEE",
+                        requested_procedure_code_scheme="LOCAL",
+                        requested_procedure_description="MR knee")),
+    Order(OrderControl.NEW,
+          PatientData(patient_id="R3", patient_name="SMITH^ANNA^^"),
+          ProcedureData(accession_number="R-3", study_instance_uid="1.2.9.3", modality="US",
+                        scheduled_start=dt.datetime(2026, 3, 2, 10, 0))),
+]
+
+
+@pytest.fixture
+def rich(store: Store) -> Store:
+    with store.writing() as session:
+        for order in RICH:
+            apply_order(session, order, uid_root=UID_ROOT)
+    return store
+
+
+def test_patient_demographics_are_matching_keys(rich):
+    assert accessions(rich, patient_sex="F") == ["R-2"]
+    assert accessions(rich, patient_sex="M\\F") == ["R-1", "R-2"]
+    assert accessions(rich, patient_birth_date="19700517") == ["R-1"]
+    assert accessions(rich, patient_birth_date="19500101-19601231") == ["R-2"]
+    assert accessions(rich, patient_birth_date="-19700517") == ["R-1", "R-2"]
+    assert accessions(rich, patient_birth_date="19600101-") == ["R-1"]
+    # An unknown birth date fails any key (PS3.4 K.2.2.1.1.1): R-3 has none.
+    assert "R-3" not in accessions(rich, patient_birth_date="-20991231")
+    with pytest.raises(InvalidQuery):
+        accessions(rich, patient_birth_date="19700517-19600101")
+
+
+def test_order_and_procedure_attributes_are_matching_keys(rich):
+    assert accessions(rich, requesting_physician="wilson^*") == ["R-1"]
+    assert accessions(rich, referring_physician_name="HOUSE^G") == ["R-2"]
+    assert accessions(rich, placer_order_number="PL-1") == ["R-1"]
+    assert accessions(rich, filler_order_number="FI-?") == ["R-1"]
+    assert accessions(rich, requested_procedure_description="MR*") == ["R-2"]
+    assert accessions(rich, sps_description="*contrast") == ["R-1"]
+    assert accessions(rich, sps_description="*CONTRAST") == []  # LO: case matters
+
+
+def test_requested_procedure_code_sequence_item_keys(rich):
+    assert accessions(rich, requested_procedure_code_value="MRKNEE") == ["R-2"]
+    assert accessions(rich, requested_procedure_code_scheme="LOCAL") == ["R-1", "R-2"]
+    assert accessions(rich, requested_procedure_code_value="CT*",
+                      requested_procedure_code_scheme="LOCAL") == ["R-1"]
+    # All keys of the item must match the same (here: the only) stored item.
+    assert accessions(rich, requested_procedure_code_value="CTHEAD",
+                      requested_procedure_code_meaning="MR*") == []
+
+
+# --- person names: component groups, case -------------------------------------------------
+
+@pytest.mark.parametrize("key", [
+    "Yamada^Tarou", "yamada^tarou", "YAMADA*", "山田^太郎", "山田*", "やまだ^たろう", "*たろう",
+    "Yamada^Tarou=山田^太郎", "=山田^太郎", "==やまだ^たろう", "*=山田^太郎=*", "Y*=山田*",
+    "Yamada^Tarou^^=山田^太郎", "Yamada^Tarou\\NOBODY",
+])
+def test_a_name_key_matches_any_group_or_group_by_group(rich, key):
+    assert accessions(rich, patient_name=key) == ["R-1"]
+
+
+@pytest.mark.parametrize("key", [
+    "Yamada",  # one component of a group is not the group
+    "Yamada*太郎",  # a wild card never reaches across "="
+    "Yamada^Tarou=山田^花子",  # the ideographic group differs
+    "=Yamada^Tarou",  # the alphabetic name is not the ideographic group
+    "===x",  # a fourth group nobody has
+])
+def test_a_name_key_does_not_match_across_or_into_the_wrong_group(rich, key):
+    assert accessions(rich, patient_name=key) == []
+
+
+def test_a_group_the_stored_name_lacks_fails_the_key(rich):
+    assert accessions(rich, patient_name="=?*") == ["R-1"]  # any non-empty ideographic group
+    assert accessions(rich, patient_name="=*") == ["R-1", "R-2", "R-3"]  # "*" asks nothing
+    assert accessions(rich, patient_name="Müller^Hans=ミュラー") == []
+
+
+def test_name_case_folds_beyond_ascii_and_can_be_made_strict(rich):
+    assert accessions(rich, patient_name="MÜLLER^HANS") == ["R-2"]
+    assert accessions(rich, patient_name="mü*") == ["R-2"]
+    assert accessions(rich, patient_name="müller^hans", names_case_sensitive=True) == []
+    assert accessions(rich, patient_name="Müller^Hans", names_case_sensitive=True) == ["R-2"]
+    assert accessions(rich, patient_name="yamada^tarou", names_case_sensitive=True) == []
+
+
+def test_stored_trailing_empty_components_do_not_hide_a_name(rich):
+    assert accessions(rich, patient_name="SMITH^ANNA") == ["R-3"]
+    assert accessions(rich, patient_name="smith^*") == ["R-3"]
+
+
+def test_regex_characters_in_a_name_key_are_literal(rich):
+    assert accessions(rich, patient_name="Yamada.Tarou") == []
+    assert accessions(rich, patient_name="(Yamada)^Tarou") == []
+    assert accessions(rich, patient_name="Yamada^Tarou|.*") == []

@@ -51,7 +51,8 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     if value is None or value == "":
         return None
     if isinstance(value, MultiValue):
-        # A multi-valued value (e.g. two station AE titles): the broker keeps the first.
+        # Several values (e.g. two station AE titles): the broker keeps one per attribute,
+        # as an HL7 order carries (docs/worklist-matching.md D2).
         value = value[0] if len(value) else ""
     return str(value).strip() or None
 
@@ -70,6 +71,11 @@ def order_from_dataset(ds: Dataset) -> Order:
         "ScheduledProcedureStepSequence") else Dataset()
     code = ds.RequestedProcedureCodeSequence[0] if ds.get(
         "RequestedProcedureCodeSequence") else Dataset()
+    stations = step.get("ScheduledStationAETitle")
+    if isinstance(stations, MultiValue) and len(stations) > 1:
+        # A step schedulable on several stations becomes a step of the first one (D2).
+        log.warning("worklist file for accession %s: keeping station %s of %s",
+                    _text(ds, "AccessionNumber"), stations[0], "\\".join(stations))
     start_date = _date(_text(step, "ScheduledProcedureStepStartDate"))
     start = None
     if start_date is not None:

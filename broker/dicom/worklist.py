@@ -61,6 +61,10 @@ SPS_ID = _tag("ScheduledProcedureStepID")
 SPS_DESCRIPTION = _tag("ScheduledProcedureStepDescription")
 SPS_STATUS = _tag("ScheduledProcedureStepStatus")
 PERFORMING_PHYSICIAN = _tag("ScheduledPerformingPhysicianName")
+STATION_NAME = _tag("ScheduledStationName")
+SPS_LOCATION = _tag("ScheduledProcedureStepLocation")
+PRE_MEDICATION = _tag("PreMedication")
+CONTRAST_AGENT = _tag("RequestedContrastAgent")
 
 # Scheduled Procedure Step Status (0040,0020) defined terms (PS3.3 C.4.10). The broker's
 # IN PROGRESS is the modality's STARTED; DICOM spells CANCELED with one L.
@@ -72,14 +76,21 @@ SPS_STATUS_TERMS: dict[ItemStatus, str] = {
     ItemStatus.CANCELLED: "CANCELED",
 }
 
-# Top-level keys and keys of the first Scheduled Procedure Step item that become filters.
+# The keys that become filters, at the top level and in the single item of a sequence key:
+# every attribute the broker stores (docs/worklist-matching.md).
 _TOP_KEYS: dict[int, str] = {
     ACCESSION_NUMBER: "accession_number",
     PATIENT_ID: "patient_id",
     ISSUER_OF_PATIENT_ID: "issuer_of_patient_id",
     PATIENT_NAME: "patient_name",
+    PATIENT_BIRTH_DATE: "patient_birth_date",
+    PATIENT_SEX: "patient_sex",
     REFERRING_PHYSICIAN: "referring_physician_name",
+    REQUESTING_PHYSICIAN: "requesting_physician",
+    PLACER_ORDER: "placer_order_number",
+    FILLER_ORDER: "filler_order_number",
     REQUESTED_PROCEDURE_ID: "requested_procedure_id",
+    REQUESTED_PROCEDURE_DESCRIPTION: "requested_procedure_description",
     STUDY_INSTANCE_UID: "study_instance_uid",
 }
 _SPS_KEYS: dict[int, str] = {
@@ -88,7 +99,14 @@ _SPS_KEYS: dict[int, str] = {
     SPS_START_DATE: "scheduled_start_date",
     SPS_START_TIME: "scheduled_start_time",
     SPS_ID: "sps_id",
+    SPS_DESCRIPTION: "sps_description",
 }
+_CODE_KEYS: dict[int, str] = {
+    CODE_VALUE: "requested_procedure_code_value",
+    CODING_SCHEME: "requested_procedure_code_scheme",
+    CODE_MEANING: "requested_procedure_code_meaning",
+}
+_NAME_KEYS = ("patient_name", "referring_physician_name", "requesting_physician")
 
 
 # --- request -> query -------------------------------------------------------------------
@@ -129,30 +147,40 @@ def _statuses(value: str) -> tuple[ItemStatus, ...]:
                  if any(p.fullmatch(term) for p in patterns))
 
 
-def query_from_identifier(identifier: Dataset, *, max_matches: int) -> WorklistQuery:
+def _item_keys(identifier: Dataset, sequence: int, keys: Mapping[int, str]) -> dict[str, Any]:
+    """The keys of a sequence key's item (PS3.4 C.2.2.2.6: a single item); none when the
+    sequence is zero-length or its item empty (universal matching)."""
+    if sequence not in identifier:
+        return {}
+    items = identifier[sequence].value
+    if not items:
+        return {}
+    return {name: _key(items[0], tag) for tag, name in keys.items()}
+
+
+def query_from_identifier(identifier: Dataset, *, max_matches: int,
+                          names_case_sensitive: bool = False) -> WorklistQuery:
     """The worklist query a C-FIND identifier asks.
 
-    Reads the top-level keys and those of the first item of the Scheduled Procedure Step
-    Sequence (PS3.4 C.2.2.2.6: a sequence key has a single item). pydicom decodes the values
-    with the identifier's Specific Character Set. Keys the broker does not match on are
-    universal; a malformed date or time is reported when the query runs
-    (:class:`broker.matching.InvalidQuery`).
+    Reads the top-level keys and those of the single item of the Scheduled Procedure Step
+    Sequence and of the Requested Procedure Code Sequence (PS3.4 C.2.2.2.6). pydicom decodes
+    the values with the identifier's Specific Character Set. Keys the broker does not store,
+    in these items or anywhere else, are universal; a malformed date or time is reported when
+    the query runs (:class:`broker.matching.InvalidQuery`).
     """
     fields: dict[str, Any] = {name: _key(identifier, tag) for tag, name in _TOP_KEYS.items()}
-    for name in ("patient_name", "referring_physician_name"):
+    fields.update(_item_keys(identifier, SPS_SEQUENCE, {**_SPS_KEYS, SPS_STATUS: "status"}))
+    fields.update(_item_keys(identifier, CODE_SEQUENCE, _CODE_KEYS))
+    status = fields.pop("status", None)
+    if status is not None and status != "*":
+        fields["statuses"] = _statuses(status)
+    for name in _NAME_KEYS:
         # Empty trailing PN components and groups ("DOE^JOHN^^^", "DOE^JOHN==") name the same
         # person as "DOE^JOHN" (PS3.5 6.2.1), the form names are stored in.
         if fields[name] is not None:
             fields[name] = fields[name].rstrip("^=") or None
-    if SPS_SEQUENCE in identifier:
-        items = identifier[SPS_SEQUENCE].value
-        if items:
-            step = items[0]
-            fields.update({name: _key(step, tag) for tag, name in _SPS_KEYS.items()})
-            status = _key(step, SPS_STATUS)
-            if status is not None and status != "*":
-                fields["statuses"] = _statuses(status)
-    return WorklistQuery(limit=max_matches, **fields)
+    return WorklistQuery(limit=max_matches, names_case_sensitive=names_case_sensitive,
+                         **fields)
 
 
 # --- row -> response --------------------------------------------------------------------
@@ -214,13 +242,17 @@ def _plain(tag: int, vr: str) -> _Key:
     return _Key(tag, vr)
 
 
-# What a zero-length sequence key (or one with an empty item) returns: the whole item as
-# the broker keeps it (PS3.4 C.2.2.2.6, K.2.2.1.2 note 4).
+# What a zero-length sequence key (or one with an empty item) returns: the whole item
+# (PS3.4 C.2.2.2.6, K.2.2.1.2 note 4), that is every Type 1, 1C, 2 and 2C attribute of
+# PS3.4 table K.6-1 for it (empty when the broker does not keep it) and the Type 3 ones the
+# broker keeps.
 _FULL_ITEMS: dict[int, tuple[_Key, ...]] = {
     SPS_SEQUENCE: (
         _plain(MODALITY, "CS"), _plain(STATION_AE_TITLE, "AE"), _plain(SPS_START_DATE, "DA"),
         _plain(SPS_START_TIME, "TM"), _plain(PERFORMING_PHYSICIAN, "PN"),
-        _plain(SPS_DESCRIPTION, "LO"), _plain(SPS_ID, "SH"), _plain(SPS_STATUS, "CS"),
+        _plain(SPS_DESCRIPTION, "LO"), _plain(SPS_ID, "SH"), _plain(STATION_NAME, "SH"),
+        _plain(SPS_LOCATION, "SH"), _plain(PRE_MEDICATION, "LO"),
+        _plain(CONTRAST_AGENT, "LO"), _plain(SPS_STATUS, "CS"),
     ),
     CODE_SEQUENCE: (
         _plain(CODE_VALUE, "SH"), _plain(CODING_SCHEME, "SH"), _plain(CODE_MEANING, "LO"),

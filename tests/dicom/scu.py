@@ -42,12 +42,12 @@ class FindResult:
 
 
 def find(port: int, identifier: Dataset, *, calling_aet: str = "TEST_SCU",
-         cancel_after: int | None = None) -> FindResult:
+         called_aet: str = "WORKLISTS", cancel_after: int | None = None) -> FindResult:
     """One association, one worklist C-FIND; optionally C-CANCEL after some matches."""
     ae = AE(ae_title=calling_aet)
     ae.add_requested_context(ModalityWorklistInformationFind)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
-    assoc = ae.associate("127.0.0.1", port, ae_title="WORKLISTS")
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
     assert assoc.is_established, "association refused"
     result = FindResult()
     try:

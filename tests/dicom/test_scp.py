@@ -122,48 +122,21 @@ def test_malformed_date_is_a_failure_with_a_comment(running: Running):
     assert "date" in str(result.final.ErrorComment)
 
 
-class _CancellingEvent:
-    """The slice of a pynetdicom C-FIND event the handler reads, cancelled after one match.
+class _BrokenEvent:
+    """The slice of a C-FIND event the handler reads, with an identifier pynetdicom cannot
+    decode (it decodes lazily, when the handler asks)."""
 
-    Over a real association pynetdicom queues every response before its network thread sends
-    the first, so a fast handler has finished before any C-CANCEL arrives; the handler's
-    reaction to a cancel is therefore checked on the handler itself.
-    """
+    assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="BROKEN"))
+    is_cancelled = False
 
-    def __init__(self, identifier: Dataset) -> None:
-        self.identifier = identifier
-        self.assoc = SimpleNamespace(requestor=SimpleNamespace(ae_title="CANCELLER"))
-        self.checks = 0
-
-    @property
-    def is_cancelled(self) -> bool:
-        self.checks += 1
-        return self.checks > 1
-
-
-def test_cancel_stops_the_responses(worklist_store):
-    server = DicomServer(DicomConfig(host="127.0.0.1", port=0), worklist_store)
-    identifier = Dataset()
-    identifier.AccessionNumber = "ACC-*"
-    responses = list(server._on_find(_CancellingEvent(identifier)))  # type: ignore[arg-type]
-    assert [status for status, _ in responses] == [0xFF00, 0xFE00]
-    assert responses[0][1] is not None and responses[0][1].AccessionNumber == "ACC-CT-1"
-    assert responses[1][1] is None
-
-
-class _BrokenEvent(_CancellingEvent):
     @property
     def identifier(self) -> Dataset:
         raise ValueError("truncated element")
 
-    @identifier.setter
-    def identifier(self, value: Dataset) -> None:
-        pass
-
 
 def test_undecodable_identifier_is_a_failure_not_a_traceback(worklist_store):
     server = DicomServer(DicomConfig(host="127.0.0.1", port=0), worklist_store)
-    responses = list(server._on_find(_BrokenEvent(Dataset())))  # type: ignore[arg-type]
+    responses = list(server._on_find(_BrokenEvent()))  # type: ignore[arg-type]
     assert len(responses) == 1
     status, identifier = responses[0]
     assert isinstance(status, Dataset) and status.Status == 0xC000
@@ -412,3 +385,18 @@ def test_universal_query_window(tmp_path):
     finally:
         server.stop()
         store.dispose()
+
+
+def test_names_case_sensitive_is_a_site_setting(worklist_store):
+    identifier = Dataset()
+    identifier.PatientName = "doe^john"
+    identifier.AccessionNumber = ""
+    default = start_server(worklist_store)
+    strict = start_server(worklist_store, names_case_sensitive=True)
+    try:
+        assert [r.AccessionNumber for r in find(default.port, identifier).identifiers] == [
+            "ACC-CT-1"]
+        assert find(strict.port, identifier).identifiers == []
+    finally:
+        default.stop()
+        strict.stop()

@@ -11,24 +11,14 @@ from sqlalchemy import select
 from broker.dicom.wl_files import export_worklist, import_worklist
 from broker.models import Patient, WorklistItem
 from broker.store import Store
-from tests.support import dcmtk
+from tests.dicom.dcmtk_examples import WORKLIST, worklist_files
 
-EXAMPLES = Path("/usr/share/doc/dcmtk/examples/wlistdb/OFFIS")
 REPO = Path(__file__).resolve().parents[2]
 
 
 def dcmtk_examples(target: Path) -> list[Path]:
-    """DCMTK's example worklist (Debian's dcmtk package), converted with dump2dcm."""
     target.mkdir()
-    files = []
-    dumps = sorted(EXAMPLES.glob("*.dump"))
-    assert dumps, f"no DCMTK example worklist in {EXAMPLES}"
-    for dump in dumps:
-        out = target / f"{dump.stem}.wl"
-        subprocess.run([dcmtk("dump2dcm"), str(dump), str(out)], check=True, timeout=30,
-                       capture_output=True)
-        files.append(out)
-    return files
+    return worklist_files(target)
 
 
 def test_import_dcmtk_example_worklist_then_export_and_reimport(tmp_path, sqlite_store,
@@ -87,9 +77,20 @@ def test_import_and_export_commands(tmp_path, sqlite_store):
 
     imported = cli("import-wl", str(tmp_path / "wl"))
     assert imported.returncode == 0, imported.stderr
-    assert imported.stdout.startswith(f"imported {len(list(EXAMPLES.glob('*.dump')))} ")
+    assert imported.stdout.startswith(f"imported {len(list(WORKLIST.glob('*.dump*')))} ")
     exported = cli("export-wl", str(tmp_path / "out"))
     assert exported.returncode == 0 and exported.stdout.startswith("wrote ")
     missing = cli("import-wl", str(tmp_path / "nope"))
     assert missing.returncode == 1
     assert missing.stderr.startswith("worklist-broker: error: no folder")
+
+
+def test_a_step_on_several_stations_keeps_the_first_and_says_so(tmp_path, sqlite_store, caplog):
+    dcmtk_examples(tmp_path / "wl")
+    with caplog.at_level("WARNING", logger="broker.dicom.wl_files"):
+        import_worklist(sqlite_store, tmp_path / "wl", uid_root="1.2.3")
+    assert "accession 00000: keeping station AA32 of AA32\\AA33" in caplog.text
+    with sqlite_store.reading() as s:
+        station = s.scalars(select(WorklistItem.scheduled_station_ae_title)
+                            .where(WorklistItem.accession_number == "00000")).one()
+    assert station == "AA32"

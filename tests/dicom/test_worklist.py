@@ -153,3 +153,37 @@ def test_item_without_code_gives_an_empty_code_sequence():
     item = response.ScheduledProcedureStepSequence[0]
     assert not item.ScheduledProcedureStepStartDate
     assert item.ScheduledProcedureStepStatus == "SCHEDULED"
+
+
+def test_query_reads_every_stored_key_and_the_code_sequence_item():
+    ds = Dataset()
+    ds.PatientSex = "F"
+    ds.PatientBirthDate = "19500101-19601231"
+    ds.RequestingPhysician = "WILSON^*^^"
+    ds.PlacerOrderNumberImagingServiceRequest = "PL1"
+    ds.FillerOrderNumberImagingServiceRequest = "FI*"
+    ds.RequestedProcedureDescription = "MR*"
+    code = Dataset()
+    code.CodeValue = "MRH"
+    code.CodingSchemeDesignator = ""
+    code.CodeMeaning = "*Schädel"
+    ds.RequestedProcedureCodeSequence = [code]
+    ds.ScheduledProcedureStepSequence = [step(ScheduledProcedureStepDescription="Kopf*")]
+    query = query_from_identifier(ds, max_matches=10, names_case_sensitive=True)
+    assert (query.patient_sex, query.patient_birth_date) == ("F", "19500101-19601231")
+    assert query.requesting_physician == "WILSON^*"
+    assert (query.placer_order_number, query.filler_order_number) == ("PL1", "FI*")
+    assert query.requested_procedure_description == "MR*"
+    assert query.requested_procedure_code_value == "MRH"
+    assert query.requested_procedure_code_scheme is None  # zero length: universal
+    assert query.requested_procedure_code_meaning == "*Schädel"
+    assert query.sps_description == "Kopf*"
+    assert query.names_case_sensitive is True
+
+
+def test_an_empty_code_sequence_item_is_universal():
+    ds = Dataset()
+    ds.RequestedProcedureCodeSequence = [Dataset()]
+    query = query_from_identifier(ds, max_matches=10)
+    assert query.requested_procedure_code_value is None
+    assert query.names_case_sensitive is False

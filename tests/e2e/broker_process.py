@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -12,17 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from tests.support import free_port, wait_for
+from tests.support import free_port, listening, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -81,7 +72,7 @@ def start_broker(directory: Path, *extra_args: str, **config: object) -> BrokerP
     def ready() -> bool:
         if process.poll() is not None:
             raise AssertionError(f"broker exited with {process.returncode}:\n{broker.log()}")
-        return _listening(dicom_port) and _listening(hl7_port)
+        return listening(dicom_port) and listening(hl7_port)
 
     wait_for(ready, timeout=30, what="the broker to listen")
     return broker
