@@ -213,6 +213,9 @@ def main() -> None:
                     b50, b95, bm = measure(broker.dicom_port, make(size), args.queries)
                     w50, w95, wm = measure(wlm_port, make(size), max(args.queries // 2, 3))
                     table.append((size, name, bm, b50, b95, wm, w50, w95))
+                    # As measured too: a long run that fails later keeps what it has.
+                    print(f"  {size} {name}: broker p50 {b50:.1f} ms, wlmscpfs p50 "
+                          f"{w50:.1f} ms", flush=True)
                 if size == 10_000 or burst_row is None:
                     burst_row = (size, *burst(broker.dicom_port, args.burst_seconds))
             finally:
