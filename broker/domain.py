@@ -67,6 +67,9 @@ class ProcedureData:
     requesting_physician: str | None = None
     placer_order_number: str | None = None
     filler_order_number: str | None = None
+    scheduled_performing_physician_name: str | None = None  # DICOM PN
+    scheduled_station_name: str | None = None
+    requested_procedure_priority: str | None = None  # STAT, HIGH, ROUTINE, MEDIUM, LOW
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,9 @@ class WorklistQuery:
     scheduled_start_time: str | None = None
     sps_id: str | None = None
     sps_description: str | None = None
+    scheduled_performing_physician_name: str | None = None
+    scheduled_station_name: str | None = None
+    requested_procedure_priority: str | None = None
     statuses: tuple[ItemStatus, ...] = VISIBLE_STATUSES
     limit: int = DEFAULT_LIMIT
     # PS3.4 C.2.2.2.1 lets PN matching ignore case; modalities type names in any case.
@@ -432,6 +435,9 @@ _COLUMNS = (
     WorklistItem.placer_order_number,
     WorklistItem.filler_order_number,
     WorklistItem.status,
+    WorklistItem.scheduled_performing_physician_name,
+    WorklistItem.scheduled_station_name,
+    WorklistItem.requested_procedure_priority,
 )
 
 
@@ -453,11 +459,15 @@ def conditions(query: WorklistQuery, dialect: str) -> list[Condition]:
         (WorklistItem.scheduled_station_ae_title, query.scheduled_station_ae_title),
         (WorklistItem.sps_id, query.sps_id),
         (WorklistItem.sps_description, query.sps_description),
+        (WorklistItem.scheduled_station_name, query.scheduled_station_name),
+        (WorklistItem.requested_procedure_priority, query.requested_procedure_priority),
     ]
     name_keys: list[tuple[Column, str | None]] = [
         (Patient.patient_name, query.patient_name),
         (WorklistItem.referring_physician_name, query.referring_physician_name),
         (WorklistItem.requesting_physician, query.requesting_physician),
+        (WorklistItem.scheduled_performing_physician_name,
+         query.scheduled_performing_physician_name),
     ]
     found: list[Condition] = [WorklistItem.status.in_([str(s) for s in query.statuses])]
     for column, value in text_keys:
@@ -517,6 +527,9 @@ def _row(values: Any) -> WorklistRow:
             requesting_physician=values.requesting_physician,
             placer_order_number=values.placer_order_number,
             filler_order_number=values.filler_order_number,
+            scheduled_performing_physician_name=values.scheduled_performing_physician_name,
+            scheduled_station_name=values.scheduled_station_name,
+            requested_procedure_priority=values.requested_procedure_priority,
         ),
         status=ItemStatus(values.status),
     )

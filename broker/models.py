@@ -56,6 +56,10 @@ class WorklistItem(Base):
     requested_procedure_code_meaning: Mapped[str | None] = mapped_column(String(64))
     sps_id: Mapped[str | None] = mapped_column(String(16))
     sps_description: Mapped[str | None] = mapped_column(String(64))
+    # Added by migration 0002_step_keys (broker/migrations).
+    scheduled_performing_physician_name: Mapped[str | None] = mapped_column(String(324))
+    scheduled_station_name: Mapped[str | None] = mapped_column(String(16))
+    requested_procedure_priority: Mapped[str | None] = mapped_column(String(16))
     modality: Mapped[str | None] = mapped_column(String(16))
     scheduled_station_ae_title: Mapped[str | None] = mapped_column(String(16))
     scheduled_start: Mapped[dt.datetime | None] = mapped_column(DateTime)

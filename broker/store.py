@@ -19,8 +19,6 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from broker.models import Base
-
 log = logging.getLogger(__name__)
 
 _WRITE_LOCK_SECONDS = 30.0
@@ -85,7 +83,10 @@ class Store:
         self._read = sessionmaker(self.read_engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.write_engine)
+        """Create or upgrade the schema to this version's (``broker.schema``)."""
+        from broker.schema import migrate
+
+        migrate(self.write_engine)
 
     @contextmanager
     def writing(self) -> Iterator[Session]:

@@ -64,6 +64,11 @@ TARGETS: dict[str, Target] = {
     "ScheduledProcedureStepSequence.Modality": Target("procedure", "modality", "CS"),
     "ScheduledProcedureStepSequence.ScheduledStationAETitle": Target(
         "procedure", "scheduled_station_ae_title", "AE"),
+    "ScheduledProcedureStepSequence.ScheduledPerformingPhysicianName": Target(
+        "procedure", "scheduled_performing_physician_name", "PN"),
+    "ScheduledProcedureStepSequence.ScheduledStationName": Target(
+        "procedure", "scheduled_station_name", "SH"),
+    "RequestedProcedurePriority": Target("procedure", "requested_procedure_priority", "CS"),
     "ScheduledProcedureStepSequence.ScheduledProcedureStepStartDate": Target(
         "procedure", "scheduled_start", "DA"),
     "ScheduledProcedureStepSequence.ScheduledProcedureStepStartTime": Target(

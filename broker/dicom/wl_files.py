@@ -36,6 +36,7 @@ _KNOWN = {
     "StudyInstanceUID", "RequestedProcedureID", "RequestedProcedureDescription",
     "RequestedProcedureCodeSequence", "PlacerOrderNumberImagingServiceRequest",
     "FillerOrderNumberImagingServiceRequest", "ScheduledProcedureStepSequence",
+    "RequestedProcedurePriority",
 }
 
 
@@ -107,6 +108,9 @@ def order_from_dataset(ds: Dataset) -> Order:
         requesting_physician=_text(ds, "RequestingPhysician"),
         placer_order_number=_text(ds, "PlacerOrderNumberImagingServiceRequest"),
         filler_order_number=_text(ds, "FillerOrderNumberImagingServiceRequest"),
+        scheduled_performing_physician_name=_text(step, "ScheduledPerformingPhysicianName"),
+        scheduled_station_name=_text(step, "ScheduledStationName"),
+        requested_procedure_priority=_text(ds, "RequestedProcedurePriority"),
     )
     return Order(OrderControl.NEW, patient, procedure, message_control_id="import-wl")
 
@@ -144,7 +148,7 @@ def _full_identifier() -> Dataset:
     for keyword in ("Modality", "ScheduledStationAETitle", "ScheduledProcedureStepStartDate",
                     "ScheduledProcedureStepStartTime", "ScheduledProcedureStepID",
                     "ScheduledProcedureStepDescription", "ScheduledProcedureStepStatus",
-                    "ScheduledPerformingPhysicianName"):
+                    "ScheduledPerformingPhysicianName", "ScheduledStationName"):
         setattr(step, keyword, "")
     identifier.ScheduledProcedureStepSequence = [step]
     return identifier

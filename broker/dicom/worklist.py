@@ -62,6 +62,7 @@ SPS_DESCRIPTION = _tag("ScheduledProcedureStepDescription")
 SPS_STATUS = _tag("ScheduledProcedureStepStatus")
 PERFORMING_PHYSICIAN = _tag("ScheduledPerformingPhysicianName")
 STATION_NAME = _tag("ScheduledStationName")
+PRIORITY = _tag("RequestedProcedurePriority")
 SPS_LOCATION = _tag("ScheduledProcedureStepLocation")
 PRE_MEDICATION = _tag("PreMedication")
 CONTRAST_AGENT = _tag("RequestedContrastAgent")
@@ -92,6 +93,7 @@ _TOP_KEYS: dict[int, str] = {
     REQUESTED_PROCEDURE_ID: "requested_procedure_id",
     REQUESTED_PROCEDURE_DESCRIPTION: "requested_procedure_description",
     STUDY_INSTANCE_UID: "study_instance_uid",
+    PRIORITY: "requested_procedure_priority",
 }
 _SPS_KEYS: dict[int, str] = {
     MODALITY: "modality",
@@ -100,13 +102,16 @@ _SPS_KEYS: dict[int, str] = {
     SPS_START_TIME: "scheduled_start_time",
     SPS_ID: "sps_id",
     SPS_DESCRIPTION: "sps_description",
+    PERFORMING_PHYSICIAN: "scheduled_performing_physician_name",
+    STATION_NAME: "scheduled_station_name",
 }
 _CODE_KEYS: dict[int, str] = {
     CODE_VALUE: "requested_procedure_code_value",
     CODING_SCHEME: "requested_procedure_code_scheme",
     CODE_MEANING: "requested_procedure_code_meaning",
 }
-_NAME_KEYS = ("patient_name", "referring_physician_name", "requesting_physician")
+_NAME_KEYS = ("patient_name", "referring_physician_name", "requesting_physician",
+              "scheduled_performing_physician_name")
 
 
 # --- request -> query -------------------------------------------------------------------
@@ -177,7 +182,7 @@ def query_from_identifier(identifier: Dataset, *, max_matches: int,
     for name in _NAME_KEYS:
         # Empty trailing PN components and groups ("DOE^JOHN^^^", "DOE^JOHN==") name the same
         # person as "DOE^JOHN" (PS3.5 6.2.1), the form names are stored in.
-        if fields[name] is not None:
+        if fields.get(name) is not None:
             fields[name] = fields[name].rstrip("^=") or None
     return WorklistQuery(limit=max_matches, names_case_sensitive=names_case_sensitive,
                          **fields)
@@ -201,7 +206,8 @@ def _row_attributes(row: WorklistRow) -> dict[int, Any]:
         SPS_ID: procedure.sps_id,
         SPS_DESCRIPTION: procedure.sps_description,
         SPS_STATUS: SPS_STATUS_TERMS.get(row.status),  # HELD has no DICOM term: empty
-        PERFORMING_PHYSICIAN: None,
+        PERFORMING_PHYSICIAN: procedure.scheduled_performing_physician_name,
+        STATION_NAME: procedure.scheduled_station_name,
     }
     codes = []
     if procedure.requested_procedure_code_value:
@@ -222,6 +228,7 @@ def _row_attributes(row: WorklistRow) -> dict[int, Any]:
         STUDY_INSTANCE_UID: procedure.study_instance_uid,
         REQUESTED_PROCEDURE_ID: procedure.requested_procedure_id,
         REQUESTED_PROCEDURE_DESCRIPTION: procedure.requested_procedure_description,
+        PRIORITY: procedure.requested_procedure_priority,
         CODE_SEQUENCE: codes,
         PLACER_ORDER: procedure.placer_order_number,
         FILLER_ORDER: procedure.filler_order_number,

@@ -176,8 +176,7 @@ def _leaf(path: str) -> str:
 
 # Attributes of the examples the broker does not store (docs/worklist-matching.md D3).
 UNSTORED = frozenset({
-    "MedicalAlerts", "Allergies", "RequestedProcedurePriority", "RequestedContrastAgent",
-    "ScheduledPerformingPhysicianName", "ScheduledStationName", "ScheduledProcedureStepLocation",
+    "MedicalAlerts", "Allergies", "RequestedContrastAgent", "ScheduledProcedureStepLocation",
     "PreMedication", "CommentsOnTheScheduledProcedureStep",
 })
 # Type 3 attributes wlmscpfs puts in a zero-length Scheduled Procedure Step item's answer.
@@ -251,6 +250,8 @@ QUERIES = [
     Query("patient id", {"PatientID": "HF", "PatientName": ""}),
     Query("requested procedure id wild card", {"RequestedProcedureID": "RP4*"}),
     Query("requesting physician", {"RequestingPhysician": "MILLER"}),
+    Query("performing physician", {}, _sps(ScheduledPerformingPhysicianName="JOHNSON")),
+    Query("priority", {"RequestedProcedurePriority": "HIGH"}),
     Query("birth date", {"PatientBirthDate": "17320331"}),
     Query("birth date range", {"PatientBirthDate": "17000101-17991231"}),
     Query("sex", {"PatientSex": "F"}),
@@ -276,7 +277,6 @@ QUERIES = [
         "RequestedProcedureID": "", "RequestedProcedurePriority": "",
         "ReferringPhysicianName": "", "IssuerOfPatientID": ""}, _sps()),
     # Keys neither server matches on (D3 on the broker's side): universal on both.
-    Query("station name", {}, _sps(ScheduledStationName="STN456")),
     Query("step location", {}, _sps(ScheduledProcedureStepLocation="B34F56")),
     Query("medical alerts", {"MedicalAlerts": "ABZESS"}),
     # Deliberate differences in which items match.
@@ -307,10 +307,8 @@ QUERIES = [
           broker=_accessions(4, 7), section="D11"),
     Query("second of several stations", {}, _sps(ScheduledStationAETitle="AA33"),
           broker=frozenset(), section="D2"),
-    Query("performing physician (not stored)", {},
-          _sps(ScheduledPerformingPhysicianName="JOHNSON"), broker=EVERY, section="D3"),
-    Query("priority (not stored)", {"RequestedProcedurePriority": "HIGH"},
-          broker=EVERY, section="D3"),
+    Query("station name", {}, _sps(ScheduledStationName="STN456"),
+          broker=_accessions(0), section="D11"),
     Query("time of reduced precision", {}, _sps(ScheduledProcedureStepStartTime="09"),
           broker=_accessions(5), section="D12"),
 ]

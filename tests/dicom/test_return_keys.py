@@ -88,7 +88,8 @@ def test_every_type_1_and_2_key_is_returned_nested_as_asked(running: Running):
     assert (step.ScheduledProcedureStepStartDate, step.ScheduledProcedureStepStartTime) == (
         "20260302", "093000")
     assert step.ScheduledProcedureStepDescription == "MR Kopf nativ"
-    # ...and what it does not store is present and empty (Type 2), sequences without items.
+    # ...and what it does not store (or the RIS did not send) is present and empty (Type 2),
+    # sequences without items.
     for keyword in ("RequestedProcedurePriority", "AdmissionID", "MedicalAlerts", "Allergies",
                     "PatientWeight", "PregnancyStatus"):
         assert answer[keyword].value in (None, ""), keyword
@@ -155,13 +156,13 @@ def test_keys_of_sequences_the_broker_does_not_keep_are_universal(running: Runni
     identifier = Dataset()
     identifier.ScheduledProcedureStepSequence = [step]
     identifier.ReferencedStudySequence = [reference]
-    identifier.RequestedProcedurePriority = "STAT"
+    identifier.MedicalAlerts = "LATEX"  # an attribute the broker does not keep
     identifier.AccessionNumber = ""
     result = find(running.port, identifier)
     assert [str(ds.AccessionNumber) for ds in result.identifiers] == ["ACC-MR-1", "ACC-MR-2"]
     for answer in result.identifiers:
         assert len(answer.ReferencedStudySequence) == 0
-        assert not answer.RequestedProcedurePriority
+        assert not answer.MedicalAlerts
         assert len(answer.ScheduledProcedureStepSequence[0].ScheduledProtocolCodeSequence) == 0
 
 

@@ -160,3 +160,21 @@ def test_unknown_table_and_transform_are_refused_at_load(tmp_path):
     path.write_text(MAPPING_WITH_TABLES.replace('"PID-3[5=MR].4"', '"PID-3[=MR].4"'))
     with pytest.raises(ConfigError, match=r":6: IssuerOfPatientID: .*repetition \[=MR\] is not"):
         load_mapping(path)
+
+
+def test_step_keys_added_in_revision_0002_can_be_mapped(tmp_path):
+    path = tmp_path / "mapping.yaml"
+    path.write_text("""
+tables:
+  priority: {SC: ROUTINE, S: STAT}
+attributes:
+  PatientID: {from: PID-3.1, required: true}
+  AccessionNumber: {from: OBR-18, required: true}
+  ScheduledProcedureStepSequence.ScheduledPerformingPhysicianName: PV1-8
+  ScheduledProcedureStepSequence.ScheduledStationName: {from: OBR-24, transform: [lower]}
+  RequestedProcedurePriority: {from: ORC-5, table: priority}
+""")
+    procedure = load_mapping(path).to_order(parse(orm().encode())).procedure
+    assert procedure.scheduled_performing_physician_name == "HOUSE^GREGORY^^DR"
+    assert procedure.scheduled_station_name == "ct"
+    assert procedure.requested_procedure_priority == "ROUTINE"

@@ -1,0 +1,53 @@
+"""Schema creation and upgrade (Alembic): a database from before a change keeps its data."""
+
+from __future__ import annotations
+
+from sqlalchemy import inspect, text
+
+from broker.domain import Order, OrderControl, PatientData, ProcedureData
+from broker.orders import apply_order
+from broker.schema import head
+from broker.store import Store
+
+NEW_COLUMNS = ("scheduled_performing_physician_name", "scheduled_station_name",
+               "requested_procedure_priority")
+
+
+def _version(store: Store) -> str | None:
+    with store.write_engine.connect() as conn:
+        if "alembic_version" not in inspect(conn).get_table_names():
+            return None
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
+def _columns(store: Store) -> set[str]:
+    with store.write_engine.connect() as conn:
+        return {c["name"] for c in inspect(conn).get_columns("worklist_item")}
+
+
+def test_a_new_database_is_created_at_the_latest_revision(store):
+    assert _version(store) == head()
+    assert set(NEW_COLUMNS) <= _columns(store)
+    store.create_schema()  # every start runs it: a no-op when current
+    assert _version(store) == head()
+
+
+def test_a_database_from_before_migrations_is_upgraded_keeping_its_rows(store):
+    with store.writing() as s:
+        apply_order(s, Order(OrderControl.NEW, PatientData("P1", patient_name="DOE^JANE"),
+                             ProcedureData("ACC1", modality="CT")), uid_root="1.2.3")
+    # Turn it into what create_all made before revision 0002: no version table, no columns.
+    with store.write_engine.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
+        for column in NEW_COLUMNS:
+            conn.execute(text(f"ALTER TABLE worklist_item DROP COLUMN {column}"))
+    assert not set(NEW_COLUMNS) & _columns(store)
+
+    store.create_schema()
+
+    assert set(NEW_COLUMNS) <= _columns(store)
+    assert _version(store) == head()
+    with store.reading() as s:
+        rows = s.execute(text("SELECT accession_number, modality, scheduled_station_name "
+                              "FROM worklist_item")).all()
+    assert [tuple(r) for r in rows] == [("ACC1", "CT", None)]
