@@ -23,7 +23,7 @@ from alembic import command  # noqa: E402
 from alembic.config import Config  # noqa: E402
 from alembic.runtime.migration import MigrationContext  # noqa: E402
 from alembic.script import ScriptDirectory  # noqa: E402
-from sqlalchemy import Engine, inspect  # noqa: E402
+from sqlalchemy import Engine, inspect, text  # noqa: E402
 
 from broker.models import Base  # noqa: E402
 
@@ -48,6 +48,11 @@ def head() -> str:
 def migrate(engine: Engine) -> None:
     config = _alembic_config()
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Brokers starting together on one database take turns (released at commit);
+            # SQLite's BEGIN IMMEDIATE already makes them queue.
+            connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(current_database()"
+                                    " || '.' || current_schema() || '.schema'))"))
         tables = set(inspect(connection).get_table_names())
         current = MigrationContext.configure(connection).get_current_revision()
         Base.metadata.create_all(connection)

@@ -51,3 +51,36 @@ def test_a_database_from_before_migrations_is_upgraded_keeping_its_rows(store):
         rows = s.execute(text("SELECT accession_number, modality, scheduled_station_name "
                               "FROM worklist_item")).all()
     assert [tuple(r) for r in rows] == [("ACC1", "CT", None)]
+
+
+def test_brokers_starting_together_migrate_one_after_the_other(store):
+    """Each start's schema step runs alone; none fails on tables another one just made."""
+    import threading
+
+    from broker.models import Base
+
+    with store.write_engine.begin() as conn:  # an empty database, as on a first start
+        conn.execute(text("DROP TABLE alembic_version"))
+        Base.metadata.drop_all(conn)
+    assert _version(store) is None
+    errors: list[BaseException] = []
+    others = [Store(store.url, pool_size=1) for _ in range(4)]
+
+    def start(other: Store) -> None:
+        try:
+            other.create_schema()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(other,)) for other in others]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not any(thread.is_alive() for thread in threads)
+        assert errors == []
+        assert _version(store) == head()
+    finally:
+        for other in others:
+            other.dispose()
