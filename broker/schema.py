@@ -26,6 +26,7 @@ from alembic.script import ScriptDirectory  # noqa: E402
 from sqlalchemy import Engine, inspect, text  # noqa: E402
 
 from broker.models import Base  # noqa: E402
+from broker.store import SITE_LOCK_KEY  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ def migrate(engine: Engine) -> None:
         if connection.dialect.name == "postgresql":
             # Brokers starting together on one database take turns (released at commit);
             # SQLite's BEGIN IMMEDIATE already makes them queue.
-            connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(current_database()"
-                                    " || '.' || current_schema() || '.schema'))"))
+            connection.execute(text(f"SELECT pg_advisory_xact_lock({SITE_LOCK_KEY})"),
+                               {"name": "schema"})
         tables = set(inspect(connection).get_table_names())
         current = MigrationContext.configure(connection).get_current_revision()
         Base.metadata.create_all(connection)
@@ -63,6 +64,7 @@ def migrate(engine: Engine) -> None:
         if current is None:
             command.stamp(config, BASELINE)
             current = BASELINE
-        if current != head():
-            log.info("upgrading the database schema from %s to %s", current, head())
+        latest = head()
+        if current != latest:
+            log.info("upgrading the database schema from %s to %s", current, latest)
             command.upgrade(config, "head")

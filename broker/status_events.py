@@ -33,12 +33,6 @@ _MPPS_KIND = {
     MppsStatus.COMPLETED: StatusKind.COMPLETED,
     MppsStatus.DISCONTINUED: StatusKind.DISCONTINUED,
 }
-_MPPS_ORDER_STATUS = {
-    MppsStatus.IN_PROGRESS: "IP",
-    MppsStatus.COMPLETED: "CM",
-    MppsStatus.DISCONTINUED: "DC",
-}
-
 # DICOM JSON tags read from the kept MPPS dataset (PS3.18 F.2).
 _ACCESSION_NUMBER = "00080050"
 _SCHEDULED_STEP_ATTRIBUTES = "00400270"
@@ -89,14 +83,15 @@ def number_of_images(dataset: dict[str, Any]) -> int | None:
                for series in _items(dataset, _PERFORMED_SERIES))
 
 
-def _mpps_event(record: MPPSTracking, status: MppsStatus, item: WorklistItem | None,
+def _mpps_event(record: MPPSTracking, data: dict[str, Any], status: MppsStatus,
+                item: WorklistItem | None,
                 ) -> StatusEvent:
-    data = _dataset(record)
     reasons = _items(data, _DISCONTINUATION_REASON)
     reason = reasons[0] if reasons and status is MppsStatus.DISCONTINUED else {}
     final = status is not MppsStatus.IN_PROGRESS
     common: dict[str, Any] = dict(
-        order_status=_MPPS_ORDER_STATUS[status],
+        # The MPPS states are item states of the same names.
+        order_status=ORDER_STATUS[ItemStatus(status)],
         kind=_MPPS_KIND[status],
         mpps_sop_instance_uid=record.sop_instance_uid,
         event_time=record.end_datetime if final else record.start_datetime,
@@ -164,11 +159,13 @@ def report_mpps(session: Session, policy: StatusReporting, record: MPPSTracking,
     if item is None:
         if not policy.unscheduled:
             return
-        accession = _sent_accession(_dataset(record))
-        event = replace(_mpps_event(record, status, None), accession_number=accession or "")
+        data = _dataset(record)
+        accession = _sent_accession(data)
+        event = replace(_mpps_event(record, data, status, None),
+                        accession_number=accession or "")
         outbox.enqueue(session, event, order_key=_unscheduled_key(record, accession))
         return
-    outbox.enqueue(session, _mpps_event(record, status, item))
+    outbox.enqueue(session, _mpps_event(record, _dataset(record), status, item))
 
 
 def report_order_status(session: Session, policy: StatusReporting, item: WorklistItem,

@@ -22,6 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 log = logging.getLogger(__name__)
 
 _WRITE_LOCK_SECONDS = 30.0
+# A PostgreSQL advisory lock key for the lock named :name, scoped to database and schema:
+# brokers of two sites on one server (or two test schemas) never exclude each other.
+SITE_LOCK_KEY = "hashtext(current_database() || '.' || current_schema() || '.' || :name)"
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -126,17 +129,14 @@ class Store:
         """
         if self.backend == "postgresql":
             with self.write_engine.connect() as conn:
-                # Scoped to database and schema: brokers of two sites on one server (or two
-                # test schemas) never exclude each other.
-                key = "current_database() || '.' || current_schema() || '.' || :name"
-                got = bool(conn.execute(text(f"SELECT pg_try_advisory_lock(hashtext({key}))"),
+                got = bool(conn.execute(text(f"SELECT pg_try_advisory_lock({SITE_LOCK_KEY})"),
                                         {"name": name}).scalar())
                 conn.commit()
                 try:
                     yield got
                 finally:
                     if got:
-                        conn.execute(text(f"SELECT pg_advisory_unlock(hashtext({key}))"),
+                        conn.execute(text(f"SELECT pg_advisory_unlock({SITE_LOCK_KEY})"),
                                      {"name": name})
                         conn.commit()
             return

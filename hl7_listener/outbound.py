@@ -54,13 +54,12 @@ class OutboundSender:
                                           ris.max_attempts)
         messages = ris.status_messages
         # Decided when sent, not when queued: a changed format applies to what is pending.
-        self._formats = {
-            kind: StatusFormat(
-                message_type=getattr(messages, kind.value).message_type,
-                version=getattr(messages, kind.value).version or ris.hl7_version,
-                templates=messages.field_templates.get(
-                    getattr(messages, kind.value).message_type, {}))
-            for kind in StatusKind}
+        self._formats: dict[StatusKind, StatusFormat] = {}
+        for kind in StatusKind:
+            chosen = getattr(messages, kind.value)
+            self._formats[kind] = StatusFormat(
+                message_type=chosen.message_type, version=chosen.version or ris.hl7_version,
+                templates=messages.field_templates.get(chosen.message_type, {}))
         self._client = MllpClient(ris.host, ris.port, connect_timeout=ris.connect_timeout_seconds,
                                   read_timeout=ris.ack_timeout_seconds)
 
