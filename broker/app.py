@@ -61,6 +61,8 @@ class Broker:
         self.mllp = MllpServer(
             self.handler, host=config.hl7.host, port=config.hl7.port,
             max_connections=config.hl7.max_connections,
+            max_waiting=config.hl7.max_waiting_connections,
+            wait_timeout=config.hl7.connection_wait_seconds,
             idle_timeout=config.hl7.idle_timeout_seconds,
             max_message_bytes=config.hl7.max_message_bytes)
         self.dicom = DicomServer(config.dicom, self.store,

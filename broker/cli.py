@@ -192,11 +192,14 @@ def _messages(args: argparse.Namespace) -> int:
             with store.reading() as session:
                 rows = inbound_log.list_messages(session, failed_only=args.failed,
                                                  limit=args.limit)
-                print("ID\tRECEIVED\tACK\tTYPE\tMSH-10\tSENDER\tACCESSION\tREASON")
+                print("ID\tRECEIVED\tACK\tTYPE\tMSH-10\tSENDER\tACCESSION\tREASON / WARNING")
                 for m in rows:
+                    # Accepted with a warning (control ID reused, no start): say so here too.
+                    note = m.reason or "; ".join(
+                        f"warning: {w}" for w in (m.warnings or "").splitlines())
                     print(f"{m.id}\t{m.received_at:%Y-%m-%d %H:%M:%S}\t{m.ack_code}\t"
                           f"{m.message_type}\t{m.control_id}\t{m.sender}\t"
-                          f"{m.accession_number or ''}\t{m.reason or ''}")
+                          f"{m.accession_number or ''}\t{note}")
             return 0
         if args.id is None:
             raise CommandError(f"messages {args.action} takes a message ID")
@@ -207,7 +210,8 @@ def _messages(args: argparse.Namespace) -> int:
             raw, ack = entry.raw, entry.ack
             header = (f"message {entry.id}: received {entry.received_at:%Y-%m-%d %H:%M:%S} "
                       f"from {entry.sender}, {entry.outcome} ({entry.ack_code})"
-                      f"{': ' + entry.reason if entry.reason else ''}")
+                      f"{': ' + entry.reason if entry.reason else ''}"
+                      + "".join(f"\nwarning: {w}" for w in (entry.warnings or "").splitlines()))
         if args.action == "show":
             print(header)
             print(_printable(raw))
@@ -277,8 +281,11 @@ def _mapping_test(args: argparse.Namespace) -> int:
         width = max(len(keyword) for keyword, _, _ in rows)
         for keyword, value, source in rows:
             print(f"  {keyword:<{width}}  {value or '(empty)':<30}  <- {source}")
-        warnings = [f"{keyword} is empty ({source})" for keyword, value, source in rows
-                    if not value and keyword != "StudyInstanceUID"]
+        # The warnings the ACK would carry first, then every other empty attribute.
+        warnings = mapping.warnings(message, [order])
+        warnings += [f"{keyword} is empty ({source})" for keyword, value, source in rows
+                     if not value and keyword != "StudyInstanceUID"
+                     and not (warnings and "ScheduledProcedureStepStart" in keyword)]
         if not order.procedure.study_instance_uid:
             warnings.append("StudyInstanceUID: none sent; one is generated under uid_root")
         for warning in warnings:

@@ -124,7 +124,9 @@ class DicomConfig(_Section):
 class Hl7Config(_Section):
     host: str = "0.0.0.0"
     port: int = Field(2575, ge=0, le=65535)
-    max_connections: int = Field(32, ge=1)
+    max_connections: int = Field(128, ge=1)
+    max_waiting_connections: int = Field(256, ge=0)
+    connection_wait_seconds: float = Field(60, gt=0)
     idle_timeout_seconds: float = Field(300, gt=0)
     max_message_bytes: int = Field(1024 * 1024, ge=1024)
     # MSH-3 / MSH-4 of the broker's own messages (ACKs and status messages).

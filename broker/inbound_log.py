@@ -2,30 +2,60 @@
 
 from __future__ import annotations
 
-from sqlalchemy import insert, select
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
 
 from broker.models import InboundMessage, InboundOutcome, utcnow
 
 
-def accepted_ack(session: Session, sender: str, control_id: str) -> bytes | None:
-    """The ACK already sent for an accepted message with this MSH-10 from this sender."""
+@dataclass(frozen=True, slots=True)
+class Earlier:
+    """What the log holds under a sender's MSH-10, accepted messages only."""
+
+    ack: bytes | None  # the ACK of the same message, when this is a resend
+    reused: bool  # a different message was accepted under this MSH-10 before
+
+
+# Built once: every accepted message runs it.
+_ACCEPTED_UNDER = (
+    select(InboundMessage.id, InboundMessage.content_digest)
+    .where(InboundMessage.sender == bindparam("sender"),
+           InboundMessage.control_id == bindparam("control_id"),
+           InboundMessage.outcome == InboundOutcome.ACCEPTED)
+    .order_by(InboundMessage.id))
+
+
+def earlier(session: Session, sender: str, control_id: str, digest: str,
+            digest_of: Callable[[bytes], str]) -> Earlier:
+    """Whether this message (by ``digest``) or another one was accepted under its MSH-10.
+
+    Rows kept before digests existed are digested from their raw message (``digest_of``).
+    """
     if not control_id:
-        return None
-    return session.scalars(
-        select(InboundMessage.ack)
-        .where(InboundMessage.sender == sender, InboundMessage.control_id == control_id,
-               InboundMessage.outcome == InboundOutcome.ACCEPTED)
-        .order_by(InboundMessage.id.desc()).limit(1)).first()
+        return Earlier(None, False)
+    rows = session.execute(_ACCEPTED_UNDER, {"sender": sender[:200],
+                                             "control_id": control_id[:200]}).all()
+    reused = False
+    for row_id, stored in rows:
+        if stored is None:
+            stored = digest_of(session.get_one(InboundMessage, row_id).raw)
+        if stored == digest:
+            return Earlier(session.get_one(InboundMessage, row_id).ack, False)
+        reused = True
+    return Earlier(None, reused)
 
 
 def record(session: Session, *, sender: str, control_id: str, message_type: str,
            accession_number: str | None, outcome: str, ack_code: str, reason: str | None,
-           raw: bytes, ack: bytes) -> InboundMessage:
+           raw: bytes, ack: bytes, digest: str | None = None) -> InboundMessage:
     entry = InboundMessage(sender=sender[:200], control_id=control_id[:200],
                            message_type=message_type[:20],
                            accession_number=(accession_number or None) and accession_number[:16],
-                           outcome=outcome, ack_code=ack_code, reason=reason, raw=raw, ack=ack)
+                           outcome=outcome, ack_code=ack_code, reason=reason, raw=raw, ack=ack,
+                           content_digest=digest)
     session.add(entry)
     return entry
 
@@ -36,15 +66,16 @@ _INSERT_ACCEPTED = insert(InboundMessage.__table__)
 
 
 def record_accepted(session: Session, *, sender: str, control_id: str, message_type: str,
-                    accession_number: str | None, raw: bytes, ack: bytes) -> None:
-    """Log an accepted message, at once (a plain INSERT, not the ORM's unit of work): a resend
-    of an accepted MSH-10 from the same sender fails here on the unique index."""
+                    accession_number: str | None, raw: bytes, ack: bytes, digest: str,
+                    warnings: list[str]) -> None:
+    """Log an accepted message, at once (a plain INSERT, not the ORM's unit of work): a copy
+    of it accepted meanwhile (a resend racing on PostgreSQL) fails here on the unique index."""
     session.execute(_INSERT_ACCEPTED, {
         "received_at": utcnow(), "sender": sender[:200], "control_id": control_id[:200],
         "message_type": message_type[:20],
         "accession_number": (accession_number or None) and accession_number[:16],
         "outcome": InboundOutcome.ACCEPTED, "ack_code": "AA", "reason": None, "raw": raw,
-        "ack": ack})
+        "ack": ack, "content_digest": digest, "warnings": "\n".join(warnings) or None})
 
 
 def list_messages(session: Session, *, failed_only: bool = False, limit: int = 100,

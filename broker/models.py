@@ -159,9 +159,10 @@ class InboundMessage(Base):
     """Every HL7 message received, raw, with what became of it.
 
     An accepted message's row is written in the same transaction as the order it carried, so
-    a resend of the same MSH-10 from the same sender is recognised and answered with the
-    stored ACK, changing nothing. Rejected messages are kept for an administrator to read and
-    replay (``worklist-broker messages``).
+    a resend (same sender, same MSH-10, same content) is recognised and answered with the
+    stored ACK, changing nothing; a different message under a used MSH-10 is a new message.
+    Rejected messages are kept for an administrator to read and replay
+    (``worklist-broker messages``).
     """
 
     __tablename__ = "inbound_message"
@@ -177,12 +178,16 @@ class InboundMessage(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     raw: Mapped[bytes] = mapped_column(LargeBinary)
     ack: Mapped[bytes] = mapped_column(LargeBinary)
+    # Added by migration 0003_inbound_content: hl7_listener.message.content_digest of raw.
+    content_digest: Mapped[str | None] = mapped_column(String(64))
+    # What the sender was warned of in an accepted message's ACK, one per line.
+    warnings: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
-        # At most one accepted message per sender and MSH-10, even when two copies of a
-        # resend race on PostgreSQL: the loser fails here and is answered as a duplicate.
-        Index("ux_inbound_accepted", "sender", "control_id", unique=True,
-              sqlite_where=text("outcome = 'accepted'"),
+        # At most one accepted copy of a message, even when two copies of a resend race on
+        # PostgreSQL: the loser fails here and is answered as a duplicate.
+        Index("ux_inbound_accepted_content", "sender", "control_id", "content_digest",
+              unique=True, sqlite_where=text("outcome = 'accepted'"),
               postgresql_where=text("outcome = 'accepted'")),
         Index("ix_inbound_outcome_id", "outcome", "id"),
     )

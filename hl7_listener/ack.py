@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hl7_listener.message import Delimiters, ParsedMessage
@@ -39,6 +40,7 @@ _DEFAULT_VERSION = "2.5"
 class ErrorDetail:
     code: str  # table 0357
     location: str | None = None  # e.g. OBR-18 or OBR-27.4
+    severity: str = "E"  # table 0516: E error, W warning, I information
 
 
 def _new_control_id() -> str:
@@ -62,17 +64,22 @@ def _err_segment(d: Delimiters, version: str, error: ErrorDetail, text: str) -> 
     c, s, f = d.component, d.subcomponent, d.field
     if _version_tuple(version) >= (2, 5):
         location = c.join([segment, "1", field, "", component]).rstrip(c) if segment else ""
-        return f.join(["ERR", "", location, c.join([error.code, code_text, "HL70357"]), "E",
-                       "", "", "", d.escape_text(text)])
+        return f.join(["ERR", "", location, c.join([error.code, code_text, "HL70357"]),
+                       error.severity, "", "", "", d.escape_text(text)])
     eld = c.join([segment, "1" if segment else "", field,
                   s.join([error.code, code_text, "HL70357"])])
     return f.join(["ERR", eld])
 
 
 def build_ack(msg: ParsedMessage | None, code: str, *, text: str = "",
-              error: ErrorDetail | None = None, sending_application: str,
-              sending_facility: str, now: dt.datetime | None = None) -> bytes:
-    """An ACK for ``msg`` (None when it could not be parsed at all: then AR, v2.5 header)."""
+              error: ErrorDetail | None = None, warnings: Sequence[str] = (),
+              sending_application: str, sending_facility: str,
+              now: dt.datetime | None = None) -> bytes:
+    """An ACK for ``msg`` (None when it could not be parsed at all: then AR, v2.5 header).
+
+    ``warnings`` are what the sender should know of a message that was applied all the same:
+    in MSA-3 (every version has it), and from v2.5 on also one ERR each with severity W.
+    """
     d = msg.delimiters if msg is not None else Delimiters()
     version = (msg.version if msg is not None else "") or _DEFAULT_VERSION
     codec = msg.codec if msg is not None else "utf-8"
@@ -90,9 +97,13 @@ def build_ack(msg: ParsedMessage | None, code: str, *, text: str = "",
     charset = msg.msh(18) if msg is not None else ""
     if charset:
         msh += ["", "", "", "", "", charset]
+    msa_text = "; ".join(part for part in (text, *warnings) if part)
     segments = [d.field.join(msh),
-                d.field.join(["MSA", code, msg.control_id if msg else "", d.escape_text(text)]
-                             ).rstrip(d.field)]
+                d.field.join(["MSA", code, msg.control_id if msg else "",
+                              d.escape_text(msa_text)]).rstrip(d.field)]
     if error is not None:
         segments.append(_err_segment(d, version, error, text))
+    if _version_tuple(version) >= (2, 5):
+        segments += [_err_segment(d, version, ErrorDetail("0", severity="W"), warning)
+                     for warning in warnings]
     return ("\r".join(segments) + "\r").encode(codec, errors="replace")

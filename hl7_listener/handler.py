@@ -8,8 +8,9 @@ listener: a message the broker cannot take never stops it from serving the next 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -28,7 +29,9 @@ from hl7_listener.message import (
     UNSUPPORTED_MESSAGE_TYPE,
     MessageError,
     ParsedMessage,
+    content_digest,
     parse,
+    salvage_header,
 )
 from hl7_listener.status_message import parse_ack
 
@@ -71,6 +74,7 @@ class _Plan:
 
     apply: Callable[[Session], str]
     accession: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 class OrderMessageHandler:
@@ -89,17 +93,25 @@ class OrderMessageHandler:
         self.existing_order = existing_order
         self.charset_fallback = charset_fallback
         self.reporting = reporting
+        # (sender, quirk) pairs already logged: a sender's habits are news once, not per
+        # message.
+        self._quirks_logged: set[tuple[str, str]] = set()
+        self._quirks_lock = threading.Lock()
 
     def _ack(self, msg: ParsedMessage | None, code: str, text: str = "",
-             error: ErrorDetail | None = None) -> bytes:
+             error: ErrorDetail | None = None, warnings: list[str] | None = None) -> bytes:
         if msg is not None and _enhanced(msg):
             code = _ENHANCED[code]
-        return build_ack(msg, code, text=text, error=error,
+        return build_ack(msg, code, text=text, error=error, warnings=warnings or (),
                          sending_application=self.sending_application,
                          sending_facility=self.sending_facility)
 
     def reject(self, reason: str, code: str = "100", raw: bytes = b"") -> bytes:
-        """AR for bytes that never became a message (e.g. a frame over the size limit)."""
+        """AR for bytes that never became a message (e.g. a frame over the size limit, of
+        which ``raw`` is the start): in the sender's terms when its header can be read."""
+        header = salvage_header(raw)
+        if header is not None:
+            return self._refuse(header, raw, "AR", reason, ErrorDetail(code))
         log.warning("message rejected before parsing: %s", reason)
         ack = self._ack(None, "AR", reason, ErrorDetail(code))
         self._keep_rejection(None, raw, "AR", reason, ack)
@@ -113,10 +125,22 @@ class OrderMessageHandler:
         except MessageError as exc:
             if exc.message is None:
                 return self.reject(exc.reason, exc.code, raw)
-            # The header was readable: answer AE in the sender's terms.
-            return _wanted(exc.message, self._refuse(exc.message, raw, "AE", exc.reason,
-                                                     ErrorDetail(exc.code)))
+            # The header was readable: answer in the sender's terms, MSA-2 its MSH-10.
+            return _wanted(exc.message, self._refuse(exc.message, raw, exc.ack_code,
+                                                     exc.reason, ErrorDetail(exc.code)))
+        self._log_quirks(msg)
         return _wanted(msg, self._outcome(msg, raw))
+
+    def _log_quirks(self, msg: ParsedMessage) -> None:
+        if not msg.quirks:
+            return
+        sender = self._sender(msg)
+        with self._quirks_lock:
+            new = [q for q in msg.quirks if (sender, q) not in self._quirks_logged]
+            self._quirks_logged.update((sender, q) for q in new)
+        for quirk in new:
+            log.info("sender %s sends %s; read as the standard's readers do (logged once per "
+                     "sender)", sender, quirk)
 
     def _outcome(self, msg: ParsedMessage, raw: bytes) -> bytes:
         try:
@@ -147,39 +171,49 @@ class OrderMessageHandler:
 
     def _apply(self, msg: ParsedMessage, raw: bytes) -> bytes:
         sender = self._sender(msg)
+        digest = content_digest(raw)
         try:
             plan = self._plan(msg)
         except (InvalidOrder, UnsupportedMessage):
             # A resend of a message accepted under an older mapping still gets its ACK.
-            previous = self._previous_ack(sender, msg)
+            with self.store.reading() as session:
+                previous = inbound_log.earlier(session, sender, msg.control_id, digest,
+                                               content_digest).ack
             if previous is not None:
-                return previous
+                return self._resent(msg, previous)
             raise
-        ack = self._ack(msg, "AA")
         try:
             with self.store.writing() as session:
-                # First, so that a resend fails at once on the unique index (no look-up
-                # before every message) and nothing else of it is applied.
+                earlier = inbound_log.earlier(session, sender, msg.control_id, digest,
+                                              content_digest)
+                if earlier.ack is not None:
+                    return self._resent(msg, earlier.ack)
+                warnings = list(plan.warnings)
+                if earlier.reused:
+                    warnings.insert(0, f"control ID {msg.control_id} reused with different "
+                                    "content: processed as a new message")
+                ack = self._ack(msg, "AA", warnings=warnings)
                 inbound_log.record_accepted(
                     session, sender=sender, control_id=msg.control_id,
                     message_type=f"{msg.message_type}^{msg.trigger_event}",
-                    accession_number=plan.accession, raw=raw, ack=ack)
+                    accession_number=plan.accession, raw=raw, ack=ack, digest=digest,
+                    warnings=warnings)
                 detail = plan.apply(session)
         except IntegrityError:
-            previous = self._previous_ack(sender, msg)
+            # The same message, accepted meanwhile on another connection or broker.
+            with self.store.reading() as session:
+                previous = inbound_log.earlier(session, sender, msg.control_id, digest,
+                                               content_digest).ack
             if previous is None:
                 raise
-            return previous
+            return self._resent(msg, previous)
         # Only now, after the commit, may the RIS be told the message is safe.
-        self._log(msg, "AA", detail)
+        self._log(msg, "AA", detail, warnings)
         return ack
 
-    def _previous_ack(self, sender: str, msg: ParsedMessage) -> bytes | None:
-        with self.store.reading() as session:
-            previous = inbound_log.accepted_ack(session, sender, msg.control_id)
-        if previous is not None:
-            self._log(msg, "AA", "resend of a message already accepted; answered with the "
-                      "original ACK, nothing changed")
+    def _resent(self, msg: ParsedMessage, previous: bytes) -> bytes:
+        self._log(msg, "AA", "resend of a message already accepted (same content); answered "
+                  "with the original ACK, nothing changed")
         return previous
 
     def _plan(self, msg: ParsedMessage) -> _Plan:
@@ -196,7 +230,7 @@ class OrderMessageHandler:
                                  for r in results)
 
             accession = orders[0].procedure.accession_number if orders else None
-            return _Plan(apply, accession)
+            return _Plan(apply, accession, self.mapping.warnings(msg, orders))
         if msg.message_type == "ADT":
             return self._adt_plan(msg)
         known_type = any(msg.message_type == t for t, _ in _ORDERS)
@@ -257,8 +291,10 @@ class OrderMessageHandler:
                                                          ).splitlines()[0])
 
     @staticmethod
-    def _log(msg: ParsedMessage, code: str, detail: str) -> None:
-        level = logging.INFO if code == "AA" else logging.WARNING
+    def _log(msg: ParsedMessage, code: str, detail: str, warnings: list[str] | None = None,
+             ) -> None:
+        level = logging.INFO if code == "AA" and not warnings else logging.WARNING
+        detail = "; ".join([detail, *(f"warning: {w}" for w in warnings or ())])
         log.log(level, "msh10=%s type=%s^%s from=%s %s: %s", msg.control_id,
                 msg.message_type, msg.trigger_event, msg.msh(3), code, detail)
 

@@ -94,6 +94,7 @@ _CONTROLS = {
     "RL": OrderControl.RELEASE,
 }
 _ORDER_CONTROL_PATH = FieldPath("ORC", 1)
+START_DATE = "ScheduledProcedureStepSequence.ScheduledProcedureStepStartDate"
 _ORDER_STATUS_PATH = FieldPath("ORC", 5)
 MERGE_PATIENT_ID_PATH = FieldPath("MRG", 1, 1)
 
@@ -215,6 +216,18 @@ class Mapping:
                 rows.append((rule.keyword, "" if value is None else str(value), source))
             described.append((order, rows))
         return described
+
+    def warnings(self, message: ParsedMessage, orders: list[Order]) -> list[str]:
+        """What the sender and the administrator should know of orders that are taken all
+        the same: the ACK, the log, the message list and ``mapping-test`` all say this."""
+        rule = next((r for r in self._rules_for(message) if r.keyword == START_DATE), None)
+        tried = ", ".join(str(p) for p in rule.sources) if rule and rule.sources else (
+            f"{START_DATE.rsplit('.', 1)[-1]} is not mapped")
+        return [f"accession {order.procedure.accession_number}: no scheduled start "
+                f"({tried} empty); a modality polling by date will not find it"
+                for order in orders
+                if order.control in (OrderControl.NEW, OrderControl.CHANGE)
+                and order.procedure.scheduled_start is None]
 
     def to_orders(self, message: ParsedMessage) -> list[Order]:
         """One Order per worklist item: per ORC group, or per IPC in an OMI^O23."""

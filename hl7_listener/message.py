@@ -13,6 +13,7 @@ reference here: it decides which versions exist (``check_version``).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field, replace
 
@@ -27,6 +28,9 @@ REQUIRED_FIELD_MISSING = "101"
 DATA_TYPE_ERROR = "102"
 UNSUPPORTED_MESSAGE_TYPE = "200"
 UNSUPPORTED_VERSION = "203"
+
+# A UTF-8 byte-order mark is an artefact of how a file was saved, not part of the message.
+BYTE_ORDER_MARK = b"\xef\xbb\xbf"
 
 # MSH-18 (HL7 table 0211) -> Python codec.
 _CHARSETS = {
@@ -55,10 +59,12 @@ class MessageError(BrokerError):
     """The bytes are not an HL7 message the broker can read; ``code`` is from table 0357."""
 
     def __init__(self, reason: str, code: str = SEGMENT_SEQUENCE_ERROR,
-                 message: ParsedMessage | None = None) -> None:
+                 message: ParsedMessage | None = None, ack_code: str = "AR") -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        # AR: the header itself is unacceptable; AE: the header was fine, the content not.
+        self.ack_code = ack_code
         # The message as far as it could be read (its header), to answer in its terms.
         self.message = message
 
@@ -122,11 +128,16 @@ class Delimiters:
     component: str = "^"
     repetition: str = "~"
     escape: str = "\\"
+    # Empty when MSH-2 declares only three characters (no subcomponents).
     subcomponent: str = "&"
+    # v2.7's fifth encoding character; empty before.
+    truncation: str = ""
 
     @property
     def encoding_characters(self) -> str:
-        return self.component + self.repetition + self.escape + self.subcomponent
+        """MSH-2 as the sender declared it, for answering in its terms."""
+        return (self.component + self.repetition + self.escape + self.subcomponent
+                + self.truncation)
 
     def escape_text(self, text: str) -> str:
         """Escape delimiter characters so that ``text`` can stand in a field (HL7 2.7)."""
@@ -134,7 +145,8 @@ class Delimiters:
         out = text.replace(e, f"{e}E{e}")
         for char, code in ((self.field, "F"), (self.component, "S"),
                            (self.subcomponent, "T"), (self.repetition, "R")):
-            out = out.replace(char, f"{e}{code}{e}")
+            if char:
+                out = out.replace(char, f"{e}{code}{e}")
         return out.replace("\r\n", f"{e}.br{e}").replace("\r", f"{e}.br{e}").replace(
             "\n", f"{e}.br{e}")
 
@@ -203,7 +215,7 @@ def decode(raw: bytes, fallback: str | None = None) -> tuple[str, str]:
         if fallback:
             return raw.decode(fallback, errors="replace"), fallback
         raise MessageError(f"MSH-18 character set {declared!r} is not supported",
-                           DATA_TYPE_ERROR, _header_only(raw))
+                           DATA_TYPE_ERROR, salvage_header(raw), "AE")
     if codec is None:
         try:
             return raw.decode("utf-8"), "utf-8"
@@ -217,18 +229,59 @@ def decode(raw: bytes, fallback: str | None = None) -> tuple[str, str]:
             return raw.decode(fallback, errors="replace"), fallback
         raise MessageError(f"message bytes are not valid {declared} as MSH-18 declares "
                            f"(byte 0x{raw[exc.start]:02X} at offset {exc.start})",
-                           DATA_TYPE_ERROR, _header_only(raw)) from None
+                           DATA_TYPE_ERROR, salvage_header(raw), "AE") from None
 
 
-def _header_only(raw: bytes) -> ParsedMessage | None:
-    """The MSH segment alone (ASCII in every supported charset), to answer an undecodable
-    message with an ACK in its own terms."""
-    text = raw.decode("ascii", errors="replace")
-    first = re.split(r"\r\n|\r|\n", text.lstrip(), maxsplit=1)[0]
-    try:
-        return tokenize(first)
-    except MessageError:
+def salvage_header(raw: bytes) -> ParsedMessage | None:
+    """The MSH segment alone, read as leniently as possible, to answer a message the broker
+    cannot take with an ACK in its own terms (MSA-2 = its MSH-10, MSH-5/6 = its MSH-3/4).
+
+    Latin-1 maps every byte to one character and back, so the separators and the header's
+    values are echoed byte for byte whatever the message's declared character set.
+    """
+    body = raw[len(BYTE_ORDER_MARK):] if raw.startswith(BYTE_ORDER_MARK) else raw
+    start = body.find(b"MSH")
+    if start < 0 or body[:start].strip() or len(body) < start + 5:
         return None
+    text = body[start:].decode("latin-1")
+    header = re.split(r"\r\n|\r|\n", text, maxsplit=1)[0]
+    sep = header[3]
+    if sep.isalnum() or sep.isspace():
+        return None
+    try:
+        delimiters = _delimiters(sep, header[4:].split(sep, 1)[0])
+    except MessageError:
+        delimiters = _fallback_delimiters(sep)
+    message = ParsedMessage(delimiters, "latin-1", [("MSH", _msh_fields(header, delimiters))])
+    known = known_version(message.version)
+    if known is not None:
+        _set_version(message, known)
+    return message
+
+
+def _fallback_delimiters(sep: str) -> Delimiters:
+    """HL7's defaults, minus whichever one the sender took as its field separator."""
+    spare = iter(c for c in "^~\\&#$" if c != sep)
+    return Delimiters(sep, next(spare), next(spare), next(spare), next(spare))
+
+
+def _delimiters(sep: str, declared: str) -> Delimiters:
+    """Delimiters from MSH-1 and MSH-2: three characters (no subcomponents) to five (v2.7's
+    truncation character), all distinct."""
+    if not 3 <= len(declared) <= 5 or len(set(sep + declared)) != len(declared) + 1 or (
+            sep.isalnum() or any(c.isalnum() or c.isspace() for c in declared)):
+        raise MessageError(f"MSH-2 {declared!r} does not declare distinct encoding characters "
+                           "(component, repetition, escape[, subcomponent[, truncation]])")
+    chars = declared.ljust(5, "\0")
+    return Delimiters(sep, chars[0], chars[1], chars[2], chars[3].strip("\0"),
+                      chars[4].strip("\0"))
+
+
+def _msh_fields(header: str, d: Delimiters) -> list[list[str]]:
+    parts = header.split(d.field)
+    # MSH-1 is the field separator itself: shift so that fields[n] is MSH-n.
+    parts = ["MSH", d.field, *parts[1:]]
+    return [p.split(d.repetition) if i > 2 else [p] for i, p in enumerate(parts)]
 
 
 @dataclass(slots=True)
@@ -240,6 +293,8 @@ class ParsedMessage:
     segments: list[tuple[str, list[list[str]]]] = field(default_factory=list)
     # For a view of one order item: the segment indexes searched, nearest first.
     scope: tuple[int, ...] | None = None
+    # What the reader tolerated in this message (see ``parse``).
+    quirks: tuple[str, ...] = ()
 
     def segment_fields(self, name: str) -> list[list[str]] | None:
         """The first segment called ``name`` (in scope): per field number, its repetitions'
@@ -306,7 +361,7 @@ class ParsedMessage:
             parts = text.split(d.component)
             text = parts[path.component - 1] if path.component <= len(parts) else ""
             if path.subcomponent is not None:
-                subs = text.split(d.subcomponent)
+                subs = text.split(d.subcomponent) if d.subcomponent else [text]
                 text = subs[path.subcomponent - 1] if path.subcomponent <= len(subs) else ""
         return text
 
@@ -367,35 +422,87 @@ def tokenize(text: str) -> ParsedMessage:
         raise MessageError("no MSH segment: this is not an HL7 v2 message")
     header = lines[0]
     sep = header[3]
-    chars = header[4:8]
-    if len(set(sep + chars)) != 5 or sep.isalnum():
-        raise MessageError("MSH-1/MSH-2 do not declare five distinct delimiters")
-    delimiters = Delimiters(sep, chars[0], chars[1], chars[2], chars[3])
-    message = ParsedMessage(delimiters, "utf-8")
-    for line in lines:
+    delimiters = _delimiters(sep, header[4:].split(sep, 1)[0])
+    message = ParsedMessage(delimiters, "utf-8", [("MSH", _msh_fields(header, delimiters))])
+    for line in lines[1:]:
         parts = line.split(sep)
-        name = parts[0]
-        if name == "MSH":
-            # MSH-1 is the field separator itself: shift so that fields[n] is MSH-n.
-            parts = [name, sep, *parts[1:]]
-        fields = [p.split(delimiters.repetition) if i and not (name == "MSH" and i <= 2)
-                  else [p] for i, p in enumerate(parts)]
-        message.segments.append((name, fields))
+        fields = [p.split(delimiters.repetition) if i else [p] for i, p in enumerate(parts)]
+        message.segments.append((parts[0], fields))
     return message
+
+
+def known_version(text: str) -> str | None:
+    """The HL7 version a sender meant by MSH-12: ``2.5.0``, ``2.3.1.``, ``2.4 `` and ``v2.5``
+    are spellings of versions that exist; None when it names none."""
+    candidate = text.strip().rstrip(".")
+    if candidate[:1] in ("v", "V"):
+        candidate = candidate[1:]
+    for _ in range(3):
+        if candidate:
+            try:
+                # hl7apy is the HL7 reference: which versions (and their structures) exist.
+                check_version(candidate)
+                return candidate
+            except UnsupportedVersion:
+                pass
+        if not candidate.endswith(".0"):
+            return None
+        candidate = candidate[:-2]
+    return None
+
+
+def _set_version(message: ParsedMessage, version: str) -> None:
+    fields = message.segments[0][1]
+    if len(fields) > 12:
+        components = fields[12][0].split(message.delimiters.component)
+        fields[12][0] = message.delimiters.component.join([version, *components[1:]])
 
 
 def parse(raw: bytes, charset_fallback: str | None = None) -> ParsedMessage:
-    """Decode and parse an inbound message, or raise MessageError with a table 0357 code."""
+    """Decode and parse an inbound message, or raise MessageError with a table 0357 code.
+
+    What the standard's readers tolerate is read, and named in ``quirks`` for the log: a
+    byte-order mark before MSH, a three- or five-character MSH-2, a version spelled
+    ``2.5.0``.
+    """
+    quirks: list[str] = []
+    if raw.startswith(BYTE_ORDER_MARK):
+        raw = raw[len(BYTE_ORDER_MARK):]
+        quirks.append("a UTF-8 byte-order mark before MSH (ignored)")
     text, codec = decode(raw, charset_fallback)
-    message = tokenize(text)
+    try:
+        message = tokenize(text)
+    except MessageError as exc:
+        exc.message = exc.message or salvage_header(raw)
+        raise
     message.codec = codec
+    declared = message.delimiters.encoding_characters
+    if len(declared) != 4:
+        quirks.append(f"MSH-2 {declared!r} with {len(declared)} encoding characters")
     version = message.version
     if not version:
-        raise MessageError("MSH-12 version is required", REQUIRED_FIELD_MISSING)
-    try:
-        # hl7apy is the HL7 reference: which versions (and their structures) exist.
-        check_version(version)
-    except UnsupportedVersion:
-        raise MessageError(f"HL7 version {version!r} is not supported", UNSUPPORTED_VERSION
-                           ) from None
+        raise MessageError("MSH-12 version is required", REQUIRED_FIELD_MISSING, message)
+    known = known_version(version)
+    if known is None:
+        raise MessageError(f"HL7 version {version!r} is not supported", UNSUPPORTED_VERSION,
+                           message)
+    if known != version:
+        quirks.append(f"MSH-12 version {version!r} read as {known}")
+        _set_version(message, known)
+    message.quirks = tuple(quirks)
     return message
+
+
+def content_digest(raw: bytes) -> str:
+    """What makes two messages the same message: their bytes, less what a resend may
+    legitimately change (MSH-7, the time it was sent; segment terminators; a byte-order
+    mark). Two messages under one MSH-10 with different digests are different messages."""
+    if raw.startswith(BYTE_ORDER_MARK):
+        raw = raw[len(BYTE_ORDER_MARK):]
+    lines = [line for line in re.split(rb"\r\n|\r|\n", raw) if line.strip()]
+    if lines and lines[0].startswith(b"MSH") and len(lines[0]) > 3:
+        fields = lines[0].split(lines[0][3:4])
+        if len(fields) > 6:
+            fields[6] = b""  # fields[0] is "MSH" and MSH-1 the separator: MSH-7 is fields[6]
+        lines[0] = lines[0][3:4].join(fields)
+    return hashlib.sha256(b"\r".join(lines)).hexdigest()

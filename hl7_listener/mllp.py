@@ -20,7 +20,17 @@ _MAX_JUNK_CHUNKS = 10_000  # bounds the loop that skips bytes sent outside a fra
 
 
 class FrameTooLarge(Exception):
-    """A frame longer than the configured limit; the connection cannot be resynchronised."""
+    """A frame longer than the configured limit; the connection cannot be resynchronised.
+
+    ``head`` is the frame's start, so that the refusal can name the message (its MSH-10).
+    """
+
+    def __init__(self, reason: str, head: bytes = b"") -> None:
+        super().__init__(reason)
+        self.head = head
+
+
+_HEAD_BYTES = 4096  # more than any MSH segment
 
 
 class FramingError(Exception):
@@ -59,8 +69,10 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes | No
         raise FramingError("no start block found")
     try:
         body = await reader.readuntil(END_BLOCK)
-    except asyncio.LimitOverrunError:
-        raise FrameTooLarge(f"message exceeds {max_bytes} bytes") from None
+    except asyncio.LimitOverrunError as exc:
+        # Those bytes are already buffered: reading them back does not wait on the peer.
+        head = await reader.readexactly(min(exc.consumed, _HEAD_BYTES))
+        raise FrameTooLarge(f"message exceeds {max_bytes} bytes", head) from None
     except asyncio.IncompleteReadError as exc:
         raise FramingError(f"connection closed inside a frame after {len(exc.partial)} bytes"
                            ) from None
@@ -72,7 +84,7 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes | No
         log.warning("discarded a truncated frame of %d bytes", cut)
         payload = payload[cut + 1:]
     if len(payload) > max_bytes:
-        raise FrameTooLarge(f"message exceeds {max_bytes} bytes")
+        raise FrameTooLarge(f"message exceeds {max_bytes} bytes", payload[:_HEAD_BYTES])
     return payload
 
 

@@ -27,11 +27,18 @@ class MessageHandler(Protocol):
 
 class MllpServer:
     def __init__(self, handler: MessageHandler, *, host: str, port: int, max_connections: int,
-                 idle_timeout: float, max_message_bytes: int) -> None:
+                 idle_timeout: float, max_message_bytes: int, max_waiting: int = 256,
+                 wait_timeout: float = 60) -> None:
         self._handler = handler
         self._host = host
         self._port = port
         self._max_connections = max_connections
+        # Connections past max_connections wait their turn (an interface engine reconnecting
+        # all its channels at once); only past max_waiting is one closed unanswered.
+        self._slots = asyncio.Semaphore(max_connections)
+        self._max_waiting = max_waiting
+        self._waiting = 0
+        self._wait_timeout = wait_timeout
         self._idle_timeout = idle_timeout
         self._max_bytes = max_message_bytes
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -85,9 +92,9 @@ class MllpServer:
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        if len(self._writers) >= self._max_connections:
-            log.warning("refused HL7 connection from %s: %d connections already open",
-                        peer, self._max_connections)
+        if self._slots.locked() and self._waiting >= self._max_waiting:
+            log.warning("refused HL7 connection from %s: %d connections open and %d waiting",
+                        peer, self._max_connections, self._waiting)
             writer.close()
             return
         sock = writer.get_extra_info("socket")
@@ -97,9 +104,13 @@ class MllpServer:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
-        log.debug("HL7 connection from %s", peer)
         try:
-            await self._serve(reader, writer, peer)
+            if await self._take_slot(peer):
+                try:
+                    log.debug("HL7 connection from %s", peer)
+                    await self._serve(reader, writer, peer)
+                finally:
+                    self._slots.release()
         except (ConnectionError, OSError) as exc:
             log.warning("HL7 connection from %s lost: %s", peer, exc)
         finally:
@@ -107,6 +118,25 @@ class MllpServer:
             if task is not None:
                 self._tasks.discard(task)
             writer.close()
+
+    async def _take_slot(self, peer: object) -> bool:
+        """Wait for one of the max_connections slots; False when none freed up in time."""
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: returns at once
+            return True
+        if self._waiting == 0:
+            log.info("all %d HL7 connection slots busy: new connections wait their turn (up "
+                     "to %ss)", self._max_connections, self._wait_timeout)
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self._wait_timeout)
+            return True
+        except TimeoutError:
+            log.warning("HL7 connection from %s waited %ss for a free slot and was closed",
+                        peer, self._wait_timeout)
+            return False
+        finally:
+            self._waiting -= 1
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      peer: object) -> None:
@@ -123,7 +153,7 @@ class MllpServer:
                 # The rest of the oversized frame cannot be told apart from a new one: answer,
                 # then close so the sender starts clean.
                 nak = await loop.run_in_executor(self._executor, self._handler.reject,
-                                                 str(exc), "100")
+                                                 str(exc), "100", exc.head)
                 writer.write(frame(nak))
                 await writer.drain()
                 return

@@ -19,7 +19,9 @@ def orm(*, control: str = "NW", control_id: str = "MSG-1", version: str = "2.3.1
         code: str = "CTHEAD^CT Head^LOCAL", referring: str = "1234^HOUSE^GREGORY^^^DR",
         requesting: str = "5678^WILSON^JAMES", study_uid: str | None = None,
         message_type: str = "ORM^O01", charset: str | None = None, tq1: bool = False,
-        extra_pid: dict[int, str] | None = None, terminator: str = "\r") -> str:
+        extra_pid: dict[int, str] | None = None, terminator: str = "\r",
+        start_in: str | None = "OBR-27") -> str:
+    """``start_in``: where the scheduled start goes without TQ1 (OBR-27, ORC-7 or None)."""
     msh = {2: "^~\\&", 3: "RIS", 4: "HOSP", 5: "WLB", 6: "HOSP", 7: "20261129080000",
            9: message_type, 10: control_id, 11: "P", 12: version}
     if charset:
@@ -28,10 +30,13 @@ def orm(*, control: str = "NW", control_id: str = "MSG-1", version: str = "2.3.1
     pid.update(extra_pid or {})
     obr = {1: "1", 2: placer, 3: filler, 4: code, 16: requesting, 18: accession, 19: "RP-1",
            20: "SPS-1", 24: modality}
-    if not tq1:
+    orc = {1: control, 2: placer, 3: filler, 5: "SC"}
+    if not tq1 and start_in == "OBR-27":
         obr[27] = f"^^^{start}"
+    elif not tq1 and start_in == "ORC-7":
+        orc[7] = f"^^^{start}"
     segments = [segment("MSH", msh), segment("PID", pid), segment("PV1", {2: "O", 8: referring}),
-                segment("ORC", {1: control, 2: placer, 3: filler, 5: "SC"})]
+                segment("ORC", orc)]
     if tq1:
         segments.append(segment("TQ1", {1: "1", 7: start}))
     segments.append(segment("OBR", obr))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sqlalchemy import inspect, text
 
 from broker.domain import Order, OrderControl, PatientData, ProcedureData
@@ -9,6 +11,7 @@ from broker.orders import apply_order
 from broker.schema import head
 from broker.store import Store
 
+REPO = Path(__file__).resolve().parents[1]
 NEW_COLUMNS = ("scheduled_performing_physician_name", "scheduled_station_name",
                "requested_procedure_priority")
 
@@ -84,3 +87,43 @@ def test_brokers_starting_together_migrate_one_after_the_other(store):
     finally:
         for other in others:
             other.dispose()
+
+
+def test_0003_keeps_the_inbound_log_and_old_messages_are_still_recognised_as_resends(store):
+    from hl7_listener.handler import OrderMessageHandler
+    from hl7_listener.mapping import load_mapping
+    from hl7_listener.status_message import parse_ack
+    from tests.messages import orm
+
+    handler = OrderMessageHandler(
+        store, load_mapping(REPO / "config" / "mapping.yaml"), uid_root="1.2.3",
+        sending_application="WLB", sending_facility="")
+    message = orm(control_id="OLD-1", accession="OLD-ACC").encode()
+    first = handler.handle(message)
+    # Back to the shape of revision 0002: no digest, no warnings, the old unique index.
+    with store.write_engine.begin() as conn:
+        conn.execute(text("DROP INDEX ux_inbound_accepted_content"))
+        for column in ("content_digest", "warnings"):
+            conn.execute(text(f"ALTER TABLE inbound_message DROP COLUMN {column}"))
+        conn.execute(text("CREATE UNIQUE INDEX ux_inbound_accepted ON inbound_message "
+                          "(sender, control_id) WHERE outcome = 'accepted'"))
+        conn.execute(text("UPDATE alembic_version SET version_num = '0002_step_keys'"))
+
+    store.create_schema()
+
+    assert _version(store) == head()
+    with store.write_engine.connect() as conn:
+        inspector = inspect(conn)
+        assert {"content_digest", "warnings"} <= {
+            c["name"] for c in inspector.get_columns("inbound_message")}
+        assert "ux_inbound_accepted" not in {i["name"] for i in
+                                             inspector.get_indexes("inbound_message")}
+        rows = conn.execute(text("SELECT control_id, content_digest FROM inbound_message"))
+        assert [tuple(r) for r in rows] == [("OLD-1", None)]
+    # The message kept before the upgrade is still known: a resend changes nothing, and a
+    # different message under its control ID is taken as new.
+    assert handler.handle(message) == first
+    other = handler.handle(orm(control_id="OLD-1", accession="NEW-ACC").encode())
+    assert other is not None and "reused" in parse_ack(other).text
+    with store.reading() as s:
+        assert s.execute(text("SELECT count(*) FROM worklist_item")).scalar() == 2

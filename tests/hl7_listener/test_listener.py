@@ -29,7 +29,8 @@ def listener(store: Store) -> Iterator[tuple[MllpServer, Store]]:
     handler = OrderMessageHandler(store, load_mapping(REPO / "config" / "mapping.yaml"),
                                   uid_root="1.2.3", sending_application="WLB",
                                   sending_facility="")
-    server = MllpServer(handler, host="127.0.0.1", port=0, max_connections=3,
+    # No waiting room: past three connections one is closed at once.
+    server = MllpServer(handler, host="127.0.0.1", port=0, max_connections=3, max_waiting=0,
                         idle_timeout=1.0, max_message_bytes=4096)
     server.start()
     yield server, store
@@ -146,7 +147,10 @@ def test_connection_limit_and_reset_mid_message(listener):
         wait_for(lambda: len(server._writers) == 3, what="three open connections")
         with _raw_connection(server) as extra:
             extra.settimeout(5)
-            assert extra.recv(100) == b""  # over max_connections: closed at once
+            # Over max_connections with no waiting room: closed at once, while the three
+            # are still open (not served later, once they idled out).
+            assert extra.recv(100) == b""
+            assert len(server._writers) == 3
     finally:
         for sock in held:
             # Half a message, then a reset: the broker must drop it and keep serving.
