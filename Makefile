@@ -1,11 +1,12 @@
 # Two commands for a fresh machine:
 #   make run   - install into .venv and start the broker on SQLite with the sample orders
-#   make test  - install into .venv (and DCMTK via apt-get) and run every test
+#   make test  - install into .venv (and DCMTK, and PostgreSQL if there is none, via apt-get)
+#                and run every test
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint dcmtk clean
+.PHONY: install run test lint dcmtk postgresql clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +21,13 @@ run: install
 dcmtk:
 	@bash .ci/install-dcmtk
 
+postgresql:
+	@bash .ci/install-postgresql
+
 lint: install
 	$(BIN)/ruff check .
 
-test: install dcmtk lint
+test: install dcmtk postgresql lint
 	$(BIN)/python -m pytest
 
 clean:

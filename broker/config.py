@@ -286,7 +286,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     top_fields = BrokerConfig.model_fields
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
+        # WLB_TEST_* belong to the test suite (WLB_TEST_PG_URL), which runs the CLI with them.
+        if not name.startswith(ENV_PREFIX) or name.startswith(f"{ENV_PREFIX}TEST_"):
             continue
         rest = name[len(ENV_PREFIX):].lower()
         value = yaml.safe_load(raw) if raw != "" else ""

@@ -19,13 +19,12 @@ class Earlier:
     reused: bool  # a different message was accepted under this MSH-10 before
 
 
-# Built once: every accepted message runs it.
-_ACCEPTED_UNDER = (
-    select(InboundMessage.id, InboundMessage.content_digest)
-    .where(InboundMessage.sender == bindparam("sender"),
-           InboundMessage.control_id == bindparam("control_id"),
-           InboundMessage.outcome == InboundOutcome.ACCEPTED)
-    .order_by(InboundMessage.id))
+# Built once: every accepted message runs it. No ``outcome`` term, so that the planner takes
+# ix_inbound_sender_control (SQLite would otherwise walk every accepted row by outcome).
+_UNDER_CONTROL_ID = select(InboundMessage.id, InboundMessage.outcome,
+                           InboundMessage.content_digest).where(
+    InboundMessage.sender == bindparam("sender"),
+    InboundMessage.control_id == bindparam("control_id"))
 
 
 def earlier(session: Session, sender: str, control_id: str, digest: str,
@@ -36,10 +35,12 @@ def earlier(session: Session, sender: str, control_id: str, digest: str,
     """
     if not control_id:
         return Earlier(None, False)
-    rows = session.execute(_ACCEPTED_UNDER, {"sender": sender[:200],
-                                             "control_id": control_id[:200]}).all()
+    rows = session.execute(_UNDER_CONTROL_ID, {"sender": sender[:200],
+                                               "control_id": control_id[:200]}).all()
     reused = False
-    for row_id, stored in rows:
+    for row_id, outcome, stored in rows:
+        if outcome != InboundOutcome.ACCEPTED:
+            continue
         if stored is None:
             stored = digest_of(session.get_one(InboundMessage, row_id).raw)
         if stored == digest:

@@ -189,6 +189,9 @@ class InboundMessage(Base):
         Index("ux_inbound_accepted_content", "sender", "control_id", "content_digest",
               unique=True, sqlite_where=text("outcome = 'accepted'"),
               postgresql_where=text("outcome = 'accepted'")),
+        # Every message looks up what was accepted under its MSH-10 (resend or reuse?): a
+        # plain index, since a partial one is not used for a bound ``outcome = ?``.
+        Index("ix_inbound_sender_control", "sender", "control_id"),
         Index("ix_inbound_outcome_id", "outcome", "id"),
     )
 

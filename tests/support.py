@@ -15,10 +15,12 @@ from typing import TypeVar
 from sqlalchemy import create_engine, text
 
 from broker.store import Store
+from tests.pg_server import postgres_for_tests
 
 T = TypeVar("T")
 
-PG_URL = os.environ.get("WLB_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+# WLB_TEST_PG_URL, CI's server on 5432, or a throwaway cluster started for this run.
+PG_URL = postgres_for_tests()
 
 
 def free_port() -> int:

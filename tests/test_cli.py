@@ -130,3 +130,36 @@ def test_mpps_forward_list_retry_drop(tmp_path, sqlite_store):
     assert dropped.stdout.strip() == "dropped forward 1 (N-CREATE of 1.2.3.4 to PACS@10.0.0.5:104)"
     again = forwards("drop", "1")
     assert again.returncode == 1 and "does not exist or was already sent" in again.stderr
+
+
+def test_mapping_test_warns_of_an_order_without_a_start(tmp_path):
+    path = tmp_path / "nostart.hl7"
+    path.write_text(orm(accession="NOSTART", start_in=None))
+    done = cli("mapping-test", str(path))
+    assert done.returncode == 0, done.stderr
+    assert ("  warning: accession NOSTART: no scheduled start (TQ1-7.1, ORC-7.4, OBR-27.4 "
+            "empty); a modality polling by date will not find it") in done.stdout.splitlines()
+    # The same finding is not repeated as two "is empty" warnings.
+    assert "ScheduledProcedureStepStartDate is empty" not in done.stdout
+
+
+def test_messages_list_marks_a_reused_control_id_and_a_missing_start(tmp_path, sqlite_store):
+    from hl7_listener.handler import OrderMessageHandler
+    from hl7_listener.mapping import load_mapping
+
+    handler = OrderMessageHandler(sqlite_store, load_mapping(REPO / "config" / "mapping.yaml"),
+                                  uid_root="1.2.3", sending_application="WLB",
+                                  sending_facility="")
+    handler.handle(orm(control_id="CTRL-1", accession="DUPA1").encode())
+    handler.handle(orm(control_id="CTRL-1", accession="DUPB2", start_in=None).encode())
+    config = tmp_path / "broker.yaml"
+    config.write_text(yaml.safe_dump({"database": {"url": sqlite_store.url},
+                                      "mapping": str(REPO / "config" / "mapping.yaml")}))
+    listed = cli("messages", "list", "--config", str(config))
+    assert listed.returncode == 0, listed.stderr
+    newest = listed.stdout.splitlines()[1].split("\t")
+    assert newest[2] == "AA" and newest[6] == "DUPB2"
+    assert "warning: control ID CTRL-1 reused with different content" in newest[7]
+    assert "warning: accession DUPB2: no scheduled start" in newest[7]
+    oldest = listed.stdout.splitlines()[2].split("\t")
+    assert (oldest[6], oldest[7]) == ("DUPA1", "")

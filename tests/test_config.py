@@ -31,6 +31,15 @@ def test_environment_overrides_every_section():
     assert config.ris.hl7_version == "2.5"
 
 
+def test_the_test_suites_own_variables_are_no_config_keys():
+    # WLB_TEST_PG_URL is the tests' PostgreSQL; commands they run must not trip over it.
+    config = load_config(REPO / "config" / "broker.yaml", environ={
+        "WLB_TEST_PG_URL": "postgresql+psycopg://postgres@127.0.0.1:5999/test",
+        "WLB_TEST_PG": "throwaway", "WLB_HL7_MAX_WAITING_CONNECTIONS": "10"})
+    assert config.hl7.max_waiting_connections == 10
+    assert config.database.url.startswith("sqlite:")
+
+
 def test_mpps_forward_destinations_from_the_file_or_the_environment(tmp_path):
     assert load_config(REPO / "config" / "broker.yaml", environ={}).dicom.mpps_forward == []
     config = load_config(REPO / "config" / "broker.yaml", environ={

@@ -23,9 +23,9 @@ def test_samples_follow_the_day_they_are_loaded_on(tmp_path):
     broker = Broker(load_config(path, environ={}))
     try:
         samples = REPO / "sample_messages"
-        assert broker.load_samples(samples, dt.date(2026, 11, 29)) == 6
-        assert broker.load_samples(samples, dt.date(2026, 11, 29)) == 6  # resend: same ACKs
-        assert broker.load_samples(samples, dt.date(2026, 12, 1)) == 6
+        assert broker.load_samples(samples, dt.date(2026, 11, 29)) == 8
+        assert broker.load_samples(samples, dt.date(2026, 11, 29)) == 8  # resend: same ACKs
+        assert broker.load_samples(samples, dt.date(2026, 12, 1)) == 8
         with broker.store.reading() as s:
             starts = dict(s.execute(select(WorklistItem.accession_number,
                                            WorklistItem.scheduled_start)).all())
@@ -33,6 +33,8 @@ def test_samples_follow_the_day_they_are_loaded_on(tmp_path):
                                              WorklistItem.status)).all())
         assert starts["ACC-CT-0001"] == dt.datetime(2026, 12, 1, 9, 30)
         assert starts["ACC-US-0003"] == dt.datetime(2026, 12, 2, 8, 15)  # {TOMORROW}
+        assert starts["ACC-MR-0007"] == dt.datetime(2026, 12, 1, 15, 30)  # from ORC-7.4
+        assert starts["ACC-CT-0008"] == dt.datetime(2026, 12, 2, 13, 0)  # BOM, 3-char MSH-2
         assert statuses["ACC-DX-0005"] == "CANCELLED"
     finally:
         broker.stop()  # never started: closes what it opened

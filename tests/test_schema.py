@@ -103,6 +103,7 @@ def test_0003_keeps_the_inbound_log_and_old_messages_are_still_recognised_as_res
     # Back to the shape of revision 0002: no digest, no warnings, the old unique index.
     with store.write_engine.begin() as conn:
         conn.execute(text("DROP INDEX ux_inbound_accepted_content"))
+        conn.execute(text("DROP INDEX ix_inbound_sender_control"))
         for column in ("content_digest", "warnings"):
             conn.execute(text(f"ALTER TABLE inbound_message DROP COLUMN {column}"))
         conn.execute(text("CREATE UNIQUE INDEX ux_inbound_accepted ON inbound_message "
@@ -116,8 +117,9 @@ def test_0003_keeps_the_inbound_log_and_old_messages_are_still_recognised_as_res
         inspector = inspect(conn)
         assert {"content_digest", "warnings"} <= {
             c["name"] for c in inspector.get_columns("inbound_message")}
-        assert "ux_inbound_accepted" not in {i["name"] for i in
-                                             inspector.get_indexes("inbound_message")}
+        indexes = {i["name"] for i in inspector.get_indexes("inbound_message")}
+        assert "ux_inbound_accepted" not in indexes
+        assert {"ux_inbound_accepted_content", "ix_inbound_sender_control"} <= indexes
         rows = conn.execute(text("SELECT control_id, content_digest FROM inbound_message"))
         assert [tuple(r) for r in rows] == [("OLD-1", None)]
     # The message kept before the upgrade is still known: a resend changes nothing, and a

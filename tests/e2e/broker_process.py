@@ -40,13 +40,14 @@ class BrokerProcess:
 
 def write_config(directory: Path, *, database_url: str | None = None, ris_port: int | None = None,
                  outbound_interval: float = 0.2, mapping: str | None = None,
-                 dicom: dict[str, object] | None = None) -> tuple[Path, int, int]:
+                 dicom: dict[str, object] | None = None,
+                 hl7: dict[str, object] | None = None) -> tuple[Path, int, int]:
     dicom_port, hl7_port = free_port(), free_port()
     config = {
         "database": {"url": database_url or f"sqlite:///{directory / 'worklist.db'}"},
         "dicom": {"ae_title": "WORKLISTS", "host": "127.0.0.1", "port": dicom_port,
                   **(dicom or {})},
-        "hl7": {"host": "127.0.0.1", "port": hl7_port},
+        "hl7": {"host": "127.0.0.1", "port": hl7_port, **(hl7 or {})},
         "ris": {"enabled": ris_port is not None, "host": "127.0.0.1", "port": ris_port or 2576,
                 "connect_timeout_seconds": 2, "ack_timeout_seconds": 5},
         "jobs": {"outbound_interval_seconds": outbound_interval, "mapping_check_seconds": 0.5},

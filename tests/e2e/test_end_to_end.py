@@ -120,7 +120,7 @@ def test_samples_load_and_answer_the_companion_queries(tmp_path):
     broker = start_broker(tmp_path, "--load-samples")
     try:
         wait_for(lambda: "loaded" in broker.log(), timeout=30, what="samples to load")
-        assert "loaded 6 of the sample messages" in broker.log()
+        assert "loaded 8 of the sample messages" in broker.log()
         # (A second -k naming the same key would reset its value: findscu keeps the last.)
         mr = findscu(broker.dicom_port, "(0040,0100)[0].Modality=MR", "AccessionNumber",
                      out_dir=tmp_path / "mr")

@@ -22,6 +22,7 @@ depends_on = None
 _TABLE = "inbound_message"
 _OLD_INDEX = "ux_inbound_accepted"
 _NEW_INDEX = "ux_inbound_accepted_content"
+_LOOKUP_INDEX = "ix_inbound_sender_control"
 
 
 def upgrade() -> None:
@@ -39,9 +40,12 @@ def upgrade() -> None:
         op.create_index(_NEW_INDEX, _TABLE, ["sender", "control_id", "content_digest"],
                         unique=True, sqlite_where=sa.text("outcome = 'accepted'"),
                         postgresql_where=sa.text("outcome = 'accepted'"))
+    if _LOOKUP_INDEX not in indexes:
+        op.create_index(_LOOKUP_INDEX, _TABLE, ["sender", "control_id"])
 
 
 def downgrade() -> None:
+    op.drop_index(_LOOKUP_INDEX, table_name=_TABLE)
     op.drop_index(_NEW_INDEX, table_name=_TABLE)
     with op.batch_alter_table(_TABLE) as batch:
         batch.drop_column("warnings")
