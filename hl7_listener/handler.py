@@ -176,9 +176,7 @@ class OrderMessageHandler:
             plan = self._plan(msg)
         except (InvalidOrder, UnsupportedMessage):
             # A resend of a message accepted under an older mapping still gets its ACK.
-            with self.store.reading() as session:
-                previous = inbound_log.earlier(session, sender, msg.control_id, digest,
-                                               content_digest).ack
+            previous = self._previous_ack(sender, msg, digest)
             if previous is not None:
                 return self._resent(msg, previous)
             raise
@@ -201,15 +199,18 @@ class OrderMessageHandler:
                 detail = plan.apply(session)
         except IntegrityError:
             # The same message, accepted meanwhile on another connection or broker.
-            with self.store.reading() as session:
-                previous = inbound_log.earlier(session, sender, msg.control_id, digest,
-                                               content_digest).ack
+            previous = self._previous_ack(sender, msg, digest)
             if previous is None:
                 raise
             return self._resent(msg, previous)
         # Only now, after the commit, may the RIS be told the message is safe.
         self._log(msg, "AA", detail, warnings)
         return ack
+
+    def _previous_ack(self, sender: str, msg: ParsedMessage, digest: str) -> bytes | None:
+        with self.store.reading() as session:
+            return inbound_log.earlier(session, sender, msg.control_id, digest,
+                                       content_digest).ack
 
     def _resent(self, msg: ParsedMessage, previous: bytes) -> bytes:
         self._log(msg, "AA", "resend of a message already accepted (same content); answered "
