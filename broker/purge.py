@@ -1,7 +1,8 @@
 """purge: delete what the retention rules say is no longer needed, in short batches.
 
 Items age by their scheduled start (their creation time when the RIS sent none). Each item's
-MPPS records go with it; MPPS records that match no order, sent status messages, sent MPPS
+MPPS records and C-FIND exposure go with it, and a "purge" operator action is written in its
+place for the order's timeline; MPPS records that match no order, sent status messages, sent MPPS
 forwards (with the status messages' retention) and patients left without items age on their
 own. Pending and dead-lettered status messages and forwards are never purged: they are work
 still owed to the RIS or a downstream MPPS SCP.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
+from broker import cfind_log
 from broker.domain import ItemStatus
 from broker.models import (
     InboundMessage,
@@ -29,6 +31,7 @@ from broker.models import (
     WorklistItem,
     utcnow,
 )
+from broker.operator_actions import record_purged
 from broker.store import Store
 
 log = logging.getLogger(__name__)
@@ -151,6 +154,12 @@ def _purge(store: Store, retention: Retention, now: dt.datetime,
             mpps_of_items += session.execute(
                 delete(MPPSTracking).where(MPPSTracking.id.in_(doomed))).rowcount
         session.execute(delete(MPPSItemLink).where(MPPSItemLink.item_fk.in_(ids)))
+        gone = list(session.scalars(select(WorklistItem.accession_number)
+                                    .where(WorklistItem.id.in_(ids))))
+        # Who was given the item goes with it; the purge itself shows in the order's
+        # timeline, next to the HL7 messages the inbound log may still hold.
+        cfind_log.delete_exposures(session, gone)
+        record_purged(session, gone, now)
         return session.execute(delete(WorklistItem).where(WorklistItem.id.in_(ids))).rowcount
 
     item_count = _batched_delete(store, select(WorklistItem.id).where(items), delete_items)
