@@ -547,7 +547,7 @@ def keyed_conditions(query: WorklistQuery, dialect: str) -> list[KeyCondition]:
                                   WorklistItem.study_instance_uid))
     if query.scope_station is not None:
         own: Condition = WorklistItem.scheduled_station_ae_title == query.scope_station
-        asked = f"station {query.scope_station}"
+        asked = query.scope_station
         if query.scope_modality is not None:
             own = or_(own, (WorklistItem.scheduled_station_ae_title.is_(None)
                             & (WorklistItem.modality == query.scope_modality)))
@@ -669,7 +669,7 @@ def _reason(key: KeyCondition, item: str, matched: bool, policy: Collection[str]
         if key.field == "statuses":
             return f"status {item} is {'' if matched else 'not '}visible"
         if key.field == "scope_station":
-            return f"{SCOPE_KEY}: {key.asked}, item {item}"
+            return f"{SCOPE_KEY}: station {key.asked}, item {item}"
         if key.field == "scheduled_start_date":
             return (f"{UNIVERSAL_DAYS_KEY}: a query with no date and no identifying key gets "
                     f"{key.asked}, item {item}")
@@ -680,7 +680,7 @@ def _item_scope(session: Session, item_id: int) -> str:
     station, modality = session.execute(
         select(WorklistItem.scheduled_station_ae_title, WorklistItem.modality)
         .where(WorklistItem.id == item_id)).one()
-    return f"station {station}" if station else f"no station, modality {modality or '(empty)'}"
+    return station or f"no station, modality {modality or '(empty)'}"
 
 
 def explain(session: Session, query: WorklistQuery, item_id: int, *,
