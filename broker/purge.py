@@ -15,12 +15,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from broker import cfind_log
 from broker.domain import ItemStatus
 from broker.models import (
+    CFindExposure,
     InboundMessage,
     MppsForward,
     MPPSItemLink,
@@ -101,11 +102,16 @@ def _sent_forwards(retention: Retention, now: dt.datetime) -> ColumnElement[bool
             & (MppsForward.sent_at < now - dt.timedelta(days=retention.outbox_days)))
 
 
+def _orphan_exposure(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
+    return (~exists().where(WorklistItem.accession_number == CFindExposure.accession_number)
+            & (CFindExposure.last_at < now - dt.timedelta(days=retention.inbound_log_days)))
+
+
 DeleteBatch = Callable[[Session, list[int]], int]
 
 
 def _delete_by_id(model: type[MPPSTracking | Patient | OutboxMessage | InboundMessage
-                              | MppsForward]) -> DeleteBatch:
+                              | MppsForward | CFindExposure]) -> DeleteBatch:
     def delete_rows(session: Session, ids: list[int]) -> int:
         return session.execute(delete(model).where(model.id.in_(ids))).rowcount
     return delete_rows
@@ -173,6 +179,10 @@ def _purge(store: Store, retention: Retention, now: dt.datetime,
         _old_inbound(retention, now)), _delete_by_id(InboundMessage))
     forwards = _batched_delete(store, select(MppsForward.id).where(
         _sent_forwards(retention, now)), _delete_by_id(MppsForward))
+    # Exposure of items deleted otherwise (a console delete) or recorded just after their
+    # purge: kept as long as the inbound log, then swept.
+    _batched_delete(store, select(CFindExposure.id).where(_orphan_exposure(retention, now)),
+                    _delete_by_id(CFindExposure))
     result = PurgeResult(item_count, mpps, patients, sent, inbound, forwards)
     log.info("purge done items=%d mpps=%d patients=%d outbox=%d inbound=%d mpps_forwards=%d",
              item_count, mpps, patients, sent, inbound, forwards)

@@ -125,3 +125,16 @@ def test_purge_takes_the_exposure_with_the_item_and_shows_in_the_timeline(store:
         assert [(e.kind, e.title, e.at) for e in events] == [
             ("purge", "Purged by the retention rules", now)]
         assert [e.kind for e in order_timeline(s, "NEW")] == ["cfind"]
+
+
+def test_exposure_of_an_item_deleted_otherwise_is_swept_with_the_inbound_log(store: Store):
+    now = dt.datetime(2026, 11, 29, 12, 0)
+    with store.writing() as s:
+        cfind_log.write_exposures(s, [
+            Exposure("CT1", "GONE-OLD", T0 - dt.timedelta(days=40), now - dt.timedelta(days=31),
+                     1),
+            Exposure("CT1", "GONE-RECENT", T0, now - dt.timedelta(days=1), 1)])
+    purge(store, retention=Retention(), now=now)
+    with store.reading() as s:
+        assert cfind_log.exposures_of(s, "GONE-OLD") == []
+        assert len(cfind_log.exposures_of(s, "GONE-RECENT")) == 1
