@@ -48,3 +48,26 @@ def test_explain_says_matched_exactly_for_the_items_c_find_returns(worklist: Sto
                 accession, [v.reason for v in verdicts])
             for verdict in verdicts:
                 assert verdict.reason  # every key says why
+
+
+def test_the_site_policy_names_its_rule_in_the_reason(worklist: Store):
+    import datetime as dt
+
+    from broker.config import DicomConfig, ModalityConfig
+    from broker.site_policy import apply_site_policy
+
+    dicom = DicomConfig(universal_query_days=1, visible_statuses=["SCHEDULED"],
+                        modalities={"CR01": ModalityConfig(only_own_items=True)})
+    policy = apply_site_policy(WorklistQuery(), dicom, "CR01", today=dt.date(2026, 3, 2))
+    assert policy.applied == {"statuses", "scheduled_start_date", "scope_station"}
+    assert apply_site_policy(WorklistQuery(accession_number="ACC-4"), DicomConfig(), "X"
+                             ).applied == {"statuses"}
+    with worklist.reading() as session:
+        item_id = session.scalar(select(WorklistItem.id).where(
+            WorklistItem.accession_number == "ACC-4"))
+        verdicts = explain(session, policy.query, item_id, policy=policy.applied)
+    assert [v.reason for v in verdicts if not v.matched] == [
+        "only_own_items: station CR01, item US01",
+        "universal_query_days: a query with no date and no identifying key gets "
+        "20260301-20260303, item 20260304"]
+    assert [v.reason for v in verdicts if v.matched] == ["status SCHEDULED is visible"]
