@@ -391,7 +391,12 @@ class ParsedMessage:
 
     # The header fields every caller needs, named.
     def msh(self, number: int) -> str:
-        return self.raw(FieldPath("MSH", number))
+        """MSH-n as sent, whole: header fields do not repeat, so a stray repetition
+        separator is part of the value (an ACK must echo the sender's MSH-10 as it was)."""
+        fields = self.segments[0][1] if self.segments else []
+        if number >= len(fields):
+            return ""
+        return self.delimiters.repetition.join(fields[number])
 
     @property
     def message_type(self) -> str:
@@ -485,6 +490,10 @@ def parse(raw: bytes, charset_fallback: str | None = None) -> ParsedMessage:
     known = known_version(version)
     if known is None:
         raise MessageError(f"HL7 version {version!r} is not supported", UNSUPPORTED_VERSION,
+                           message)
+    if not message.control_id.strip():
+        # Without it no resend can be recognised, and the sender could not match our ACK.
+        raise MessageError("MSH-10 message control ID is required", REQUIRED_FIELD_MISSING,
                            message)
     if known != version:
         quirks.append(f"MSH-12 version {version!r} read as {known}")

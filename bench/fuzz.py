@@ -1,0 +1,152 @@
+"""Coverage-guided fuzzing (atheris) of what crosses the broker's edges. Not a test: run it by
+hand, for as many inputs as you can spare:
+
+    pip install atheris
+    python bench/fuzz.py hl7 -runs=1000000
+    python bench/fuzz.py identifier -runs=200000
+
+Targets:
+- ``hl7``: any bytes as an inbound message through the real handler (parse, mapping, the
+  store on SQLite in a temporary folder, the ACK). Every input must be answered with a
+  well-formed ACK naming its MSH-10 whenever that can be read (or, in enhanced mode, with
+  none), and never raise.
+- ``identifier``: any bytes as a C-FIND identifier (explicit VR little endian dataset), read
+  the way the SCP reads one, matched against a small worklist and rendered. Only
+  ``InvalidQuery`` (answered 0xA900 naming the key) may come out.
+
+A finding stops the run with the input saved as ``crash-*`` in the working directory
+(atheris / libFuzzer); libFuzzer's last line ("Done N runs") counts the inputs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import atheris  # noqa: E402
+
+with atheris.instrument_imports():
+    import pydicom  # noqa: F401
+    from pydicom.filereader import read_dataset
+
+    import broker.matching
+    import hl7_listener.ack
+    import hl7_listener.handler
+    import hl7_listener.mapping
+    import hl7_listener.message
+    from broker.dicom.worklist import query_from_identifier, response_renderer
+
+from broker.domain import Order, OrderControl, PatientData, ProcedureData  # noqa: E402
+from broker.orders import apply_order  # noqa: E402
+from broker.store import Store  # noqa: E402
+from hl7_listener.mapping import load_mapping  # noqa: E402
+from tests.hl7_listener.test_properties import SEEDS, check_ack  # noqa: E402
+
+
+def _store() -> Store:
+    folder = Path(tempfile.mkdtemp(prefix="wlb-fuzz-", dir="/dev/shm"
+                                   if Path("/dev/shm").is_dir() else None))
+    store = Store(f"sqlite:///{folder / 'w.db'}", pool_size=2)
+    store.create_schema()
+    return store
+
+
+def hl7_target() -> object:
+    handler = hl7_listener.handler.OrderMessageHandler(
+        _store(), load_mapping(ROOT / "config" / "mapping.yaml"), uid_root="1.2.3",
+        sending_application="WLB", sending_facility="")
+
+    def one(data: bytes) -> None:
+        check_ack(data, handler.handle(data))
+
+    return one
+
+
+def identifier_target() -> object:
+    import datetime as dt
+
+    store = _store()
+    with store.writing() as session:
+        for n, modality in enumerate(("CT", "MR", "US")):
+            apply_order(session, Order(OrderControl.NEW, PatientData(
+                f"P{n}", patient_name=f"DOE^JANE{n}"), ProcedureData(
+                f"ACC{n}", modality=modality, scheduled_station_ae_title=f"{modality}_1",
+                scheduled_start=dt.datetime(2026, 11, 29, 9 + n))), uid_root="1.2.3")
+
+    def one(data: bytes) -> None:
+        try:
+            identifier = read_dataset(io.BytesIO(data), is_implicit_VR=False,
+                                      is_little_endian=True)
+            # What pydicom cannot even read as a dataset never reaches the broker's code.
+            for element in identifier.iterall():
+                _ = element.value
+        except Exception:
+            return
+        try:
+            query = query_from_identifier(identifier, max_matches=100)
+            with store.reading() as session:
+                rows = broker.matching.find_worklist(session, query)
+        except broker.matching.InvalidQuery:
+            return
+        render = response_renderer(identifier)
+        for row in rows:
+            render(row)
+
+    return one
+
+
+def identifier_seeds() -> list[bytes]:
+    """Identifiers as modalities send them, explicit VR little endian."""
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    def encoded(**top: object) -> bytes:
+        step = Dataset()
+        step.Modality = top.pop("Modality", "CT")
+        step.ScheduledStationAETitle = top.pop("ScheduledStationAETitle", "")
+        step.ScheduledProcedureStepStartDate = top.pop("Date", "20261129")
+        step.ScheduledProcedureStepStartTime = ""
+        step.ScheduledPerformingPhysicianName = ""
+        ds = Dataset()
+        ds.SpecificCharacterSet = top.pop("SpecificCharacterSet", "")
+        ds.PatientName = top.pop("PatientName", "")
+        ds.PatientID = ""
+        ds.AccessionNumber = top.pop("AccessionNumber", "")
+        ds.StudyInstanceUID = ""
+        ds.RequestedProcedureCodeSequence = []
+        ds.ScheduledProcedureStepSequence = [step]
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, False
+        write_dataset(buffer, ds)
+        return buffer.getvalue()
+
+    return [encoded(), encoded(PatientName="DOE*", Modality="MR"),
+            encoded(AccessionNumber="ACC1", Date="20261128-20261130"),
+            encoded(SpecificCharacterSet="ISO 2022 IR 87", PatientName="ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎"),
+            encoded(ScheduledStationAETitle="CT_1", Modality="")]
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in ("hl7", "identifier"):
+        raise SystemExit(__doc__)
+    target = sys.argv.pop(1)
+    logging.disable(logging.CRITICAL)  # a million refusals would be a million log lines
+    warnings.simplefilter("ignore")  # pydicom warns of every odd value it reads
+    one = hl7_target() if target == "hl7" else identifier_target()
+    corpus = Path(tempfile.mkdtemp(prefix=f"wlb-fuzz-{target}-corpus-"))
+    for n, seed in enumerate(SEEDS if target == "hl7" else identifier_seeds()):
+        (corpus / f"seed{n}").write_bytes(seed)
+    atheris.Setup([*sys.argv, str(corpus)], one)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
