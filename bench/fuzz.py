@@ -32,6 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 import atheris  # noqa: E402
 
+# Imported first, so that only the broker's own code (and pydicom's reading) is instrumented.
+import hl7apy  # noqa: E402, F401
+import pydantic  # noqa: E402, F401
+import sqlalchemy.orm  # noqa: E402, F401
+import yaml  # noqa: E402, F401
+
 with atheris.instrument_imports():
     import pydicom  # noqa: F401
     from pydicom.filereader import read_dataset
