@@ -245,6 +245,8 @@ def salvage_header(raw: bytes) -> ParsedMessage | None:
         return None
     text = body[start:].decode("latin-1")
     header = re.split(r"\r\n|\r|\n", text, maxsplit=1)[0]
+    if len(header) < 5:
+        return None
     sep = header[3]
     if sep.isalnum() or sep.isspace():
         return None
