@@ -40,7 +40,8 @@ class BrokerProcess:
 
 def write_config(directory: Path, *, database_url: str | None = None, ris_port: int | None = None,
                  outbound_interval: float = 0.2, mapping: str | None = None,
-                 dicom: dict[str, object] | None = None) -> tuple[Path, int, int]:
+                 dicom: dict[str, object] | None = None,
+                 sections: dict[str, object] | None = None) -> tuple[Path, int, int]:
     dicom_port, hl7_port = free_port(), free_port()
     config = {
         "database": {"url": database_url or f"sqlite:///{directory / 'worklist.db'}"},
@@ -51,6 +52,7 @@ def write_config(directory: Path, *, database_url: str | None = None, ris_port: 
                 "connect_timeout_seconds": 2, "ack_timeout_seconds": 5},
         "jobs": {"outbound_interval_seconds": outbound_interval, "mapping_check_seconds": 0.5},
         "mapping": mapping or str(REPO / "config" / "mapping.yaml"),
+        **(sections or {}),  # further sections, e.g. orthanc
     }
     path = directory / "broker.yaml"
     path.write_text(yaml.safe_dump(config))
