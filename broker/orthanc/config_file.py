@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from broker.config import BrokerConfig
 from broker.errors import ConfigError
 
@@ -102,6 +104,12 @@ def _int(data: dict[str, Any], key: str, path: Path) -> int | None:
     return value
 
 
+def _set(section: BaseModel, key: str) -> bool:
+    """Whether the broker's file or environment gave ``key`` a value (an empty one, as the
+    documented ``url:`` in broker.yaml, is not a value)."""
+    return key in section.model_fields_set and getattr(section, key) is not None
+
+
 def apply_orthanc_config(config: BrokerConfig) -> BrokerConfig:
     """``config`` with what ``orthanc.config_file`` supplies; keys set in the broker's own
     file or environment (pydantic's ``model_fields_set``) keep their values."""
@@ -112,25 +120,25 @@ def apply_orthanc_config(config: BrokerConfig) -> BrokerConfig:
     data = read_orthanc_config(path)
     dicom_update: dict[str, Any] = {}
     aet = data.get("MPPSAet")
-    if aet is not None and "ae_title" not in config.dicom.model_fields_set:
+    if aet is not None and not _set(config.dicom, "ae_title"):
         if not isinstance(aet, str) or not aet.strip() or len(aet.strip()) > 16:
             raise ConfigError(f"orthanc.config_file: {path}: MPPSAet must be an AE title of "
                               f"1 to 16 characters, not {aet!r}")
         dicom_update["ae_title"] = aet.strip()
     port = _int(data, "DicomPortMPPS", path)
-    if port is not None and "port" not in config.dicom.model_fields_set:
+    if port is not None and not _set(config.dicom, "port"):
         dicom_update["port"] = port
     orthanc_update: dict[str, Any] = {}
-    if "url" not in orthanc.model_fields_set and data.get("HttpServerEnabled", True):
+    if not _set(orthanc, "url") and data.get("HttpServerEnabled", True):
         http_port = _int(data, "HttpPort", path) or _DEFAULT_HTTP_PORT
         scheme = "https" if data.get("SslEnabled") else "http"
         # Orthanc listens on every interface; the broker runs beside it.
         orthanc_update["url"] = f"{scheme}://127.0.0.1:{http_port}"
     users = data.get("RegisteredUsers")
-    if ("username" not in orthanc.model_fields_set and isinstance(users, dict) and users):
+    if not _set(orthanc, "username") and isinstance(users, dict) and users:
         username, password = next(iter(users.items()))
         orthanc_update["username"] = str(username)
-        if "password" not in orthanc.model_fields_set:
+        if not _set(orthanc, "password"):
             orthanc_update["password"] = str(password)
     # model_copy keeps each section's fields_set, so applying twice changes nothing more.
     return config.model_copy(update={

@@ -46,7 +46,8 @@ def test_comments_go_and_strings_stay():
 
 
 def test_the_keys_of_the_old_server_and_the_rest_link_unless_set(tmp_path):
-    config = _config(tmp_path, {})
+    # As the shipped broker.yaml documents them: empty orthanc keys are not values.
+    config = _config(tmp_path, {"orthanc": {"url": None, "username": None, "password": None}})
     assert (config.dicom.ae_title, config.dicom.port) == ("WORKLISTS2", 5300)
     assert config.orthanc.url == "http://127.0.0.1:8043"
     assert (config.orthanc.username, config.orthanc.password) == ("alice", "s3cret")
@@ -90,3 +91,12 @@ def test_an_unreadable_file_stops_the_command_with_one_line_and_exit_2(tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0
     assert "orthanc.config_file: cannot read" in done.stderr and "missing" in done.stderr
+
+
+def test_the_shipped_config_lets_orthanc_json_supply_the_keys(tmp_path):
+    (tmp_path / "orthanc.json").write_text(ORTHANC_JSON)
+    config = apply_orthanc_config(load_config(
+        REPO / "config" / "broker.yaml",
+        {"WLB_ORTHANC_CONFIG_FILE": str(tmp_path / "orthanc.json")}))
+    assert (config.dicom.ae_title, config.dicom.port) == ("WORKLISTS2", 5300)
+    assert (config.orthanc.url, config.orthanc.username) == ("http://127.0.0.1:8043", "alice")
