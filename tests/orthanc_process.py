@@ -100,12 +100,16 @@ class OrthancProcess:
 
     def stable_studies(self) -> set[str]:
         """Study Instance UIDs of the studies Orthanc reported stable."""
-        uids = set()
-        changes = self.get("/changes?since=0&limit=1000")["Changes"]
-        for change in changes:
-            if change["ChangeType"] == "StableStudy":
-                uids.add(self.get(f"/studies/{change['ID']}")["MainDicomTags"]
-                         ["StudyInstanceUID"])
+        uids, since = set(), 0
+        for _ in range(1000):  # Orthanc answers at most 100 changes per call
+            page = self.get(f"/changes?since={since}&limit=100")
+            for change in page["Changes"]:
+                if change["ChangeType"] == "StableStudy":
+                    uids.add(self.get(f"/studies/{change['ID']}")["MainDicomTags"]
+                             ["StudyInstanceUID"])
+            since = page["Last"]
+            if page["Done"] or not page["Changes"]:
+                break
         return uids
 
     def send_study(self, directory: Path, *, study_uid: str, accession: str, patient_id: str,

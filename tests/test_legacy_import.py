@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from broker.cli import main
 from broker.legacy_import import parse_date, parse_datetime, parse_time
 from broker.models import MPPSTracking, OutboxMessage, WorklistItem
 from broker.store import Store
@@ -148,7 +149,8 @@ def test_import_db_then_findscu_sees_the_old_worklist(tmp_path):
      "table worklist_items has no column modality"),
     (None, "is not an SQLite database"),
 ])
-def test_a_file_that_is_not_such_a_database_is_refused_with_exit_2(tmp_path, schema, missing):
+def test_a_file_that_is_not_such_a_database_is_refused_with_exit_2(tmp_path, schema, missing,
+                                                                   capsys):
     old = tmp_path / "other.db"
     if schema is None:
         old.write_text("not a database at all, just some text" * 50)
@@ -157,6 +159,7 @@ def test_a_file_that_is_not_such_a_database_is_refused_with_exit_2(tmp_path, sch
         conn.executescript(schema)
         conn.close()
     config_path, _, _ = write_config(tmp_path)
-    done = run_cli("import-db", str(old), "--config", str(config_path))
-    assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and missing in done.stderr
+    # In-process (the subprocess path is the test above): the command's exit status and lines.
+    assert main(["import-db", str(old), "--config", str(config_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and missing in err

@@ -127,3 +127,57 @@ def test_stable_studies_complete_their_orders_once_across_restarts_and_outages(
         if broker is not None:
             broker.stop()
         ris.close()
+
+
+def test_the_follower_job_step_by_step(orthanc: OrthancProcess, tmp_path: Path, sqlite_store,
+                                       caplog: pytest.LogCaptureFixture):
+    """The follower job itself, run step by step: history skipped, one follower at a time,
+    an error logged once, a feed that restarts below the cursor (a replaced Orthanc
+    database) followed from its start."""
+    import logging
+
+    from broker.config import OrthancConfig
+    from broker.domain import DEFAULT_REPORTING
+    from broker.orthanc.follower import OrthancFollower
+    from broker.studies import advance_feed, feed_position
+    from tests.test_studies import _order, _status
+
+    caplog.set_level(logging.INFO, logger="broker.orthanc.follower")
+    # Studies stored before the first follow are history.
+    old_uid = generate_uid()
+    _order(sqlite_store, "F-OLD", uid=old_uid)
+    orthanc.send_study(tmp_path / "s0", study_uid=old_uid, accession="F-OLD", patient_id="P1")
+    wait_for(lambda: old_uid in orthanc.stable_studies(), 20, interval=0.2)
+    config = OrthancConfig(url=orthanc.url, username=USER, password=PASSWORD,
+                           poll_seconds=0.05, timeout_seconds=2)
+    follower = OrthancFollower(sqlite_store, config, DEFAULT_REPORTING)
+    assert follower.run_once() == 0
+    assert _status(sqlite_store, "F-OLD") == "SCHEDULED"
+
+    uid = generate_uid()
+    _order(sqlite_store, "F-1", uid=uid)
+    orthanc.send_study(tmp_path / "s1", study_uid=uid, accession="F-1", patient_id="P1")
+    wait_for(lambda: uid in orthanc.stable_studies(), 20, interval=0.2)
+    # Another broker follows this database's feeds: this one leaves it alone.
+    with sqlite_store.exclusive(follower.lock_name):
+        assert follower.run_once() == 0
+    assert follower.run_once() == 1 and _status(sqlite_store, "F-1") == "COMPLETED"
+    assert follower.run_once() == 0  # nothing new
+
+    wrong = OrthancFollower(sqlite_store, config.model_copy(update={"password": "x"}),
+                            DEFAULT_REPORTING)
+    for _ in range(3):  # a failure, then the backoff or failures again: one line
+        assert wrong.run_once() == 0
+    assert caplog.text.count("change feed not read") == 1 and "HTTP 401" in caplog.text
+
+    # A replaced Orthanc database: its feed is far below the stored position.
+    with sqlite_store.writing() as s:
+        position = feed_position(s, follower.source)
+        advance_feed(s, follower.source, position, position + 1_000_000)
+    uid2 = generate_uid()
+    _order(sqlite_store, "F-2", uid=uid2)
+    orthanc.send_study(tmp_path / "s2", study_uid=uid2, accession="F-2", patient_id="P1")
+    wait_for(lambda: uid2 in orthanc.stable_studies(), 20, interval=0.2)
+    assert follower.run_once() >= 1
+    assert _status(sqlite_store, "F-2") == "COMPLETED"
+    assert "restarted its change feed" in caplog.text
