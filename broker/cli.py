@@ -107,7 +107,7 @@ def _purge(args: argparse.Namespace) -> int:
     print(f"{verb}: {result.worklist_items} worklist items, {result.mpps} MPPS records, "
           f"{result.patients} patients, {result.outbox} sent status messages, "
           f"{result.inbound_messages} logged HL7 messages, "
-          f"{result.mpps_forwards} forwarded MPPS copies")
+          f"{result.mpps_forwards} forwarded MPPS copies, {result.studies} recorded studies")
     return 0
 
 
@@ -263,8 +263,9 @@ def _studies(args: argparse.Namespace) -> int:
         print("ID\tRECEIVED\tACTION\tORDER\tSTUDY ACCESSION\tPATIENT ID\tMODALITIES\t"
               "INSTANCES\tSTUDY DATE\tSTUDY INSTANCE UID\tSOURCE")
         for s in rows:
-            order = s.item.accession_number if s.item is not None else "(unmatched)"
-            action = f"{s.action} ({s.matched_by})" if s.item is not None else "-"
+            order = (s.item.accession_number if s.item is not None
+                     else "(purged)" if s.matched_by else "(unmatched)")
+            action = f"{s.action} ({s.matched_by})" if s.matched_by else "-"
             print(f"{s.id}\t{_when(s.received_at)}\t{action}\t{order}\t"
                   f"{s.accession_number or ''}\t{s.patient_id or ''}\t"
                   f"{s.modalities or ''}\t{s.number_of_instances or 0}\t"

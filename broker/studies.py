@@ -100,7 +100,8 @@ def record_study_arrival(session: Session, study: StudyArrival, *,
         .order_by(StudyRecord.id)))
     for record in known:
         _fill(record, study)
-    linked = [record for record in known if record.item_fk is not None]
+    # matched_by, not item_fk: a purged item leaves its study record matched.
+    linked = [record for record in known if record.matched_by is not None]
     if linked:
         session.flush()
         return StudyResult(tuple(r.item.accession_number for r in linked if r.item), (),
@@ -172,13 +173,13 @@ def list_studies(session: Session, *, unmatched: bool = False, limit: int = 100,
     """Recorded studies, newest first; ``unmatched`` only those that matched no item."""
     query = select(StudyRecord).order_by(StudyRecord.id.desc()).limit(limit)
     if unmatched:
-        query = query.where(StudyRecord.item_fk.is_(None))
+        query = query.where(StudyRecord.matched_by.is_(None))
     return list(session.scalars(query))
 
 
 def count_unmatched(session: Session) -> int:
     return session.scalar(select(func.count(StudyRecord.id)).where(
-        StudyRecord.item_fk.is_(None))) or 0
+        StudyRecord.matched_by.is_(None))) or 0
 
 
 def studies_for_accession(session: Session, accession_number: str) -> Sequence[StudyRecord]:
@@ -187,5 +188,5 @@ def studies_for_accession(session: Session, accession_number: str) -> Sequence[S
     item_ids = select(WorklistItem.id).where(WorklistItem.accession_number == accession_number)
     return list(session.scalars(select(StudyRecord).where(or_(
         StudyRecord.item_fk.in_(item_ids),
-        (StudyRecord.item_fk.is_(None)) & (StudyRecord.accession_number == accession_number)))
+        StudyRecord.matched_by.is_(None) & (StudyRecord.accession_number == accession_number)))
         .order_by(StudyRecord.received_at, StudyRecord.id)))

@@ -183,3 +183,29 @@ def test_the_feed_cursor_moves_compare_and_set(store):
     with store.reading() as s:
         assert feed_position(s, SOURCE) == 50
     assert _status(store, "ACC8") == ItemStatus.COMPLETED
+
+
+def test_the_purge_takes_study_records_whose_order_is_gone_and_old_unmatched_ones(
+        sqlite_store):
+    from broker.purge import Retention, purge
+
+    store = sqlite_store
+    with store.writing() as s:
+        apply_order(s, Order(OrderControl.NEW, PatientData("P1"), ProcedureData(
+            "OLD", study_instance_uid="3.1", scheduled_start=dt.datetime(2026, 1, 1))),
+            uid_root="1.2.3")
+    _order(store, "KEEP", uid="3.2")
+    for study in (_study("a", uid="3.1"), _study("b", uid="3.2"), _study("c", uid="3.3")):
+        _arrive(store, study)
+    later = dt.datetime.now() + dt.timedelta(days=40)
+    # Now: the January item goes, its study record (recent) stays, still matched.
+    now = purge(store, retention=Retention())
+    assert (now.worklist_items, now.studies) == (1, 0)
+    with store.reading() as s:
+        assert [r.source_id for r in list_studies(s, unmatched=True)] == ["c"]
+    # 40 days on, KEEP (by its creation time) and all three study records have aged.
+    assert purge(store, retention=Retention(), now=later, dry_run=True).studies == 3
+    result = purge(store, retention=Retention(), now=later)
+    assert (result.worklist_items, result.studies) == (1, 3)
+    with store.reading() as s:
+        assert s.scalars(select(StudyRecord.source_id)).all() == []
