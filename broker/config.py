@@ -283,6 +283,12 @@ class OrthancConfig(_Section):
     # dicom.ae_title / dicom.port, HttpPort / RegisteredUsers the REST link, unless set here.
     config_file: Path | None = None
 
+    @field_validator("url", "username", "password", "config_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # WLB_ORTHANC_URL= (empty) switches the link off as an empty YAML value does.
+        return None if value == "" else value
+
 
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -324,8 +330,9 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
                 and key in model.model_fields):
             raise ConfigError(f"environment variable {name} names no config key "
                               "(expected WLB_<SECTION>_<KEY>, e.g. WLB_DICOM_PORT)")
-        if model.model_fields[key].annotation is str:
-            value = raw  # keep "0123" or "2.3" exactly as typed for string keys
+        if model.model_fields[key].annotation in (str, str | None):
+            # Keep "0123", "2.3" or a password "1234" exactly as typed for string keys.
+            value = raw
         overrides.setdefault(section, {})[key] = value
     return overrides
 

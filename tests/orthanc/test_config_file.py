@@ -100,3 +100,10 @@ def test_the_shipped_config_lets_orthanc_json_supply_the_keys(tmp_path):
         {"WLB_ORTHANC_CONFIG_FILE": str(tmp_path / "orthanc.json")}))
     assert (config.dicom.ae_title, config.dicom.port) == ("WORKLISTS2", 5300)
     assert (config.orthanc.url, config.orthanc.username) == ("http://127.0.0.1:8043", "alice")
+
+
+def test_credentials_from_the_environment_stay_text(tmp_path):
+    config = _config(tmp_path, {}, {"WLB_ORTHANC_PASSWORD": "0123", "WLB_ORTHANC_USERNAME": "7"})
+    assert (config.orthanc.username, config.orthanc.password) == ("7", "0123")
+    off = load_config(REPO / "config" / "broker.yaml", {"WLB_ORTHANC_URL": ""})
+    assert off.orthanc.url is None
