@@ -8,14 +8,16 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import yaml
 from sqlalchemy import select
 
 from broker.cli import main
 from broker.legacy_import import parse_date, parse_datetime, parse_time
 from broker.models import MPPSTracking, OutboxMessage, WorklistItem
 from broker.store import Store
-from tests.e2e.broker_process import start_broker, write_config
+from tests.e2e.broker_process import launch, write_config
 from tests.e2e.test_end_to_end import findscu, run_cli
+from tests.support import free_port
 
 OLD_SCHEMA = """
 CREATE TABLE patients (id INTEGER PRIMARY KEY, patient_id TEXT, patient_name TEXT,
@@ -123,8 +125,19 @@ def test_import_db_then_findscu_sees_the_old_worklist(tmp_path):
     finally:
         store.dispose()
 
-    broker = start_broker(broker_dir)
+    # The third command of the migration: serve, AE title and port from orthanc.json.
+    port = free_port()
+    (tmp_path / "orthanc.json").write_text(
+        '{ // as the old server had it\n  "MPPSAet" : "OLDWL", "DicomPortMPPS" : PORT,\n'
+        '  "HttpServerEnabled" : false /* no REST link in this test */ }'.replace(
+            "PORT", str(port)))
+    config = yaml.safe_load(config_path.read_text())
+    del config["dicom"]["ae_title"], config["dicom"]["port"]
+    config["orthanc"] = {"config_file": str(tmp_path / "orthanc.json")}
+    config_path.write_text(yaml.safe_dump(config))
+    broker = launch(broker_dir, config_path, port, config["hl7"]["port"])
     try:
+        assert f"DICOM OLDWL on 127.0.0.1:{port}" in broker.log()
         rows = findscu(broker.dicom_port, "PatientID", "PatientName", "PatientBirthDate",
                        "AccessionNumber", "StudyInstanceUID", "(0040,0100)[0].Modality",
                        "(0040,0100)[0].ScheduledProcedureStepStartDate",

@@ -62,6 +62,12 @@ def write_config(directory: Path, *, database_url: str | None = None, ris_port: 
 def start_broker(directory: Path, *extra_args: str, **config: object) -> BrokerProcess:
     directory.mkdir(parents=True, exist_ok=True)
     config_path, dicom_port, hl7_port = write_config(directory, **config)  # type: ignore[arg-type]
+    return launch(directory, config_path, dicom_port, hl7_port, *extra_args)
+
+
+def launch(directory: Path, config_path: Path, dicom_port: int, hl7_port: int,
+           *extra_args: str) -> BrokerProcess:
+    """``serve`` with a config file written by the caller, listening on these ports."""
     log_path = directory / "broker.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WLB_")}
     with log_path.open("wb") as log:
