@@ -133,8 +133,9 @@ def record_study_arrival(session: Session, study: StudyArrival, *,
     session.flush()
     accessions = tuple(item.accession_number for item in items)
     log.info("study %s matched by %s accessions=%s %s", study.study_instance_uid, matched_by,
-             ",".join(accessions), f"{on_study.value}d: {','.join(changed)}" if changed
-             else "(no change)")
+             ",".join(accessions),
+             f"{HIDDEN if on_study is StudyAction.HIDE else COMPLETED}: {','.join(changed)}"
+             if changed else "(no change)")
     return StudyResult(accessions, tuple(changed), matched_by, repeated=bool(known))
 
 
