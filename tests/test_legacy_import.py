@@ -17,7 +17,7 @@ from broker.models import MPPSTracking, OutboxMessage, WorklistItem
 from broker.store import Store
 from tests.e2e.broker_process import launch, write_config
 from tests.e2e.test_end_to_end import findscu, run_cli
-from tests.support import free_port
+from tests.support import free_port, wait_for
 
 OLD_SCHEMA = """
 CREATE TABLE patients (id INTEGER PRIMARY KEY, patient_id TEXT, patient_name TEXT,
@@ -137,7 +137,9 @@ def test_import_db_then_findscu_sees_the_old_worklist(tmp_path):
     config_path.write_text(yaml.safe_dump(config))
     broker = launch(broker_dir, config_path, port, config["hl7"]["port"])
     try:
-        assert f"DICOM OLDWL on 127.0.0.1:{port}" in broker.log()
+        # Logged once the scheduler is up, a moment after the ports listen.
+        wait_for(lambda: f"DICOM OLDWL on 127.0.0.1:{port}" in broker.log(), 15,
+                 what="the start-up line")
         rows = findscu(broker.dicom_port, "PatientID", "PatientName", "PatientBirthDate",
                        "AccessionNumber", "StudyInstanceUID", "(0040,0100)[0].Modality",
                        "(0040,0100)[0].ScheduledProcedureStepStartDate",
