@@ -20,6 +20,8 @@ from broker.config import BrokerConfig
 from broker.dicom.mpps_forwarder import MppsForwarder
 from broker.dicom.scp import DicomServer
 from broker.errors import ConfigError
+from broker.orthanc.config_file import apply_orthanc_config
+from broker.orthanc.follower import OrthancFollower
 from broker.purge import purge
 from broker.store import Store
 from hl7_listener.handler import handler_from_config
@@ -54,6 +56,8 @@ class Broker:
     """Everything ``worklist-broker serve`` runs, in one process."""
 
     def __init__(self, config: BrokerConfig) -> None:
+        # Idempotent: the CLI applied it already; a Broker built in-process still gets it.
+        config = apply_orthanc_config(config)
         self.config = config
         self.store = open_store(config)
         self._mapping_stamp = _stamp(config.mapping)
@@ -71,6 +75,9 @@ class Broker:
                                        batch_size=config.jobs.outbound_batch_size)
         self.mpps_forwarder = MppsForwarder(self.store, config.dicom,
                                             batch_size=config.jobs.outbound_batch_size)
+        self.orthanc = (OrthancFollower(self.store, config.orthanc,
+                                        config.ris.status_messages.reporting())
+                        if config.orthanc.url else None)
         self.scheduler = BackgroundScheduler()
         self._purge_lock = threading.Lock()
 
@@ -128,6 +135,11 @@ class Broker:
                 self.mpps_forwarder.run_once, "interval",
                 seconds=jobs.outbound_interval_seconds, id="mpps-forward", max_instances=1,
                 coalesce=True, next_run_time=dt.datetime.now())
+        if self.orthanc is not None:
+            self.scheduler.add_job(
+                self.orthanc.run_once, "interval", seconds=self.config.orthanc.poll_seconds,
+                id="orthanc-feed", max_instances=1, coalesce=True,
+                next_run_time=dt.datetime.now())
         self.scheduler.add_job(self.run_purge, CronTrigger.from_crontab(jobs.purge_cron),
                                id="purge", max_instances=1, coalesce=True)
         self.scheduler.add_job(self._reload_if_changed, "interval",
@@ -135,12 +147,14 @@ class Broker:
                                max_instances=1, coalesce=True)
         self.scheduler.start()
         log.info("broker started: DICOM %s on %s:%d, HL7 on %s:%d, RIS outbound %s, "
-                 "MPPS forwarded to %s",
+                 "MPPS forwarded to %s, Orthanc change feed %s",
                  self.config.dicom.ae_title, self.config.dicom.host, self.dicom.port,
                  self.config.hl7.host, self.mllp.port,
                  f"to {self.config.ris.host}:{self.config.ris.port}"
                  if self.config.ris.enabled else "disabled",
-                 ", ".join(d.key for d in self.config.dicom.mpps_forward) or "none")
+                 ", ".join(d.key for d in self.config.dicom.mpps_forward) or "none",
+                 f"of {self.orthanc.source} (on_study {self.config.orthanc.on_study})"
+                 if self.orthanc else "not followed")
 
     def stop(self) -> None:
         if self.scheduler.running:

@@ -39,7 +39,9 @@ class CommandError(Exception):
 
 
 def _config(args: argparse.Namespace) -> BrokerConfig:
-    config = load_config(args.config)
+    from broker.orthanc.config_file import apply_orthanc_config
+
+    config = apply_orthanc_config(load_config(args.config))
     configure_logging(config.logging.level)
     return config
 
@@ -105,7 +107,7 @@ def _purge(args: argparse.Namespace) -> int:
     print(f"{verb}: {result.worklist_items} worklist items, {result.mpps} MPPS records, "
           f"{result.patients} patients, {result.outbox} sent status messages, "
           f"{result.inbound_messages} logged HL7 messages, "
-          f"{result.mpps_forwards} forwarded MPPS copies")
+          f"{result.mpps_forwards} forwarded MPPS copies, {result.studies} recorded studies")
     return 0
 
 
@@ -254,6 +256,53 @@ def _worklist_files(args: argparse.Namespace) -> int:
     for name, reason in result.refused:
         print(f"not imported: {name}: {reason}")
     return 0 if not result.refused else EXIT_FAILURE
+
+
+def _studies(args: argparse.Namespace) -> int:
+    from broker import studies
+
+    with _store(args) as (_, store), store.reading() as session:
+        rows = studies.list_studies(session, unmatched=args.unmatched, limit=args.limit)
+        unmatched = studies.count_unmatched(session)
+        print("ID\tRECEIVED\tACTION\tORDER\tSTUDY ACCESSION\tPATIENT ID\tMODALITIES\t"
+              "INSTANCES\tSTUDY DATE\tSTUDY INSTANCE UID\tSOURCE")
+        for s in rows:
+            order = (s.item.accession_number if s.item is not None
+                     else "(purged)" if s.matched_by else "(unmatched)")
+            action = f"{s.action} ({s.matched_by})" if s.matched_by else "-"
+            print(f"{s.id}\t{_when(s.received_at)}\t{action}\t{order}\t"
+                  f"{s.accession_number or ''}\t{s.patient_id or ''}\t"
+                  f"{s.modalities or ''}\t{s.number_of_instances or 0}\t"
+                  f"{_when(s.performed_at)}\t{s.study_instance_uid or ''}\t{s.source}")
+    print(f"{unmatched} unmatched stud{'y' if unmatched == 1 else 'ies'} in all")
+    return 0
+
+
+def _import_db(args: argparse.Namespace) -> int:
+    from broker.legacy_import import LegacyImportError, import_legacy
+
+    path = Path(args.path)
+    with _store(args) as (config, store):
+        try:
+            result = import_legacy(store, path, uid_root=config.uid_root,
+                                   dry_run=args.dry_run)
+        except LegacyImportError as exc:
+            print(f"worklist-broker: error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    verb = "would import" if result.dry_run else "imported"
+    print(f"{verb} from {path}: {result.patients} patients, {result.items} worklist items, "
+          f"{result.mpps} MPPS; {result.already_present} already in the broker; "
+          f"{len(result.skipped)} skipped")
+    if result.patients_without_items:
+        print(f"note: {result.patients_without_items} patients without any worklist item "
+              "are not imported (the RIS sends them again with their next order)")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    for line in result.skipped:
+        print(f"skipped: {line}")
+    if result.dry_run:
+        print("dry run: nothing was written")
+    return 0
 
 
 def _mapping_test(args: argparse.Namespace) -> int:
@@ -461,6 +510,24 @@ def build_parser() -> argparse.ArgumentParser:
     why_not.add_argument("--aet", required=True, help="calling AE title of the modality")
     why_not.add_argument("--config", default="config/broker.yaml")
     why_not.set_defaults(func=_why_not)
+
+    studies = commands.add_parser("studies", help="studies the PACS (Orthanc) reported stable, "
+                                  "with the order each completed")
+    studies.add_argument("action", choices=["list"])
+    studies.add_argument("--unmatched", action="store_true",
+                         help="only studies that matched no worklist item")
+    studies.add_argument("--limit", type=int, default=100, help="list at most this many")
+    studies.add_argument("--config", default="config/broker.yaml")
+    studies.set_defaults(func=_studies)
+
+    legacy = commands.add_parser("import-db", help="import the database of the old Orthanc "
+                                 "companion worklist server (patients, worklist_items, "
+                                 "mpps_tracking)")
+    legacy.add_argument("path", help="the old server's SQLite file (worklist.db)")
+    legacy.add_argument("--dry-run", action="store_true",
+                        help="print what would be imported, write nothing")
+    legacy.add_argument("--config", default="config/broker.yaml")
+    legacy.set_defaults(func=_import_db)
 
     test = commands.add_parser("mapping-test", help="show the worklist entry an HL7 file "
                                "would produce, without touching the database")

@@ -180,13 +180,15 @@ class StatusMessagesConfig(_Section):
     # Status changes made by order messages (NW -> SC, CA, DC, HD, RL): off by default, as
     # the RIS made them itself.
     order_status: StatusEventConfig = _event(send=False)
+    # A stable study in the PACS (orthanc.*) matched an order: "the images are there".
+    study_received: StatusEventConfig = _event(send=False)
     # Report an MPPS that matches no scheduled item (unscheduled or emergency procedure).
     unscheduled: bool = False
     # Per message type, field path -> template with {placeholders}, over the defaults.
     field_templates: dict[StatusMessageType, dict[str, str]] = Field(default_factory=dict)
 
     @field_validator("in_progress", "completed", "discontinued", "order_status",
-                     mode="before")
+                     "study_received", mode="before")
     @classmethod
     def _on_off(cls, value: Any) -> Any:
         # "completed: false" is short for "completed: {send: false}".
@@ -268,6 +270,35 @@ class JobsConfig(_Section):
         return value
 
 
+class OrthancConfig(_Section):
+    """The link to an Orthanc PACS: its change feed completes orders when their study arrives
+    (broker/orthanc), and its orthanc.json can supply the DICOM AE title and port."""
+
+    # Orthanc's REST API, e.g. http://127.0.0.1:8042; None (the default): no link, unless
+    # config_file supplies HttpPort.
+    url: str | None = Field(None, pattern=r"^https?://[^/\s]+(/.*)?$")
+    username: str | None = None
+    password: str | None = None
+    # Seconds between reads of the change feed; after a failure the wait doubles up to 30 s.
+    poll_seconds: float = Field(5, gt=0, le=300)
+    timeout_seconds: float = Field(10, gt=0, le=300)
+    # What a stable study does to the items it matches: complete (COMPLETED + the RIS gets
+    # the MPPS completion message), hide (leaves the worklist silently), none (recorded only).
+    on_study: Literal["complete", "hide", "none"] = "complete"
+    # A first follow starts at the feed's end (what Orthanc holds is history); true replays
+    # the whole feed.
+    from_start: bool = False
+    # orthanc.json (or Orthanc's configuration folder): MPPSAet / DicomPortMPPS give
+    # dicom.ae_title / dicom.port, HttpPort / RegisteredUsers the REST link, unless set here.
+    config_file: Path | None = None
+
+    @field_validator("url", "username", "password", "config_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # WLB_ORTHANC_URL= (empty) switches the link off as an empty YAML value does.
+        return None if value == "" else value
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -278,6 +309,7 @@ class BrokerConfig(_Section):
     hl7: Hl7Config = Hl7Config()
     ris: RisConfig = RisConfig()
     jobs: JobsConfig = JobsConfig()
+    orthanc: OrthancConfig = OrthancConfig()
     logging: LoggingConfig = LoggingConfig()
     mapping: Path = Path("mapping.yaml")
     # Root under which Study Instance UIDs (and MPPS-less status message ids) are generated
@@ -308,8 +340,9 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
                 and key in model.model_fields):
             raise ConfigError(f"environment variable {name} names no config key "
                               "(expected WLB_<SECTION>_<KEY>, e.g. WLB_DICOM_PORT)")
-        if model.model_fields[key].annotation is str:
-            value = raw  # keep "0123" or "2.3" exactly as typed for string keys
+        if model.model_fields[key].annotation in (str, str | None):
+            # Keep "0123", "2.3" or a password "1234" exactly as typed for string keys.
+            value = raw
         overrides.setdefault(section, {})[key] = value
     return overrides
 
@@ -344,8 +377,12 @@ def _resolve_paths(config: BrokerConfig, base_dir: Path) -> BrokerConfig:
         database = database.model_copy(
             update={"url": url.set(database=str(db_path)).render_as_string(hide_password=False)})
     mapping = config.mapping if config.mapping.is_absolute() else (base_dir / config.mapping)
+    orthanc = config.orthanc
+    if orthanc.config_file is not None and not orthanc.config_file.is_absolute():
+        # A copy keeps model_fields_set: what was set explicitly stays distinguishable.
+        orthanc = orthanc.model_copy(update={"config_file": (base_dir / orthanc.config_file)})
     return config.model_copy(update={"database": database, "mapping": mapping.resolve(),
-                                     "base_dir": base_dir})
+                                     "base_dir": base_dir, "orthanc": orthanc})
 
 
 def load_config(path: str | os.PathLike[str] | None,

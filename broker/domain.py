@@ -137,6 +137,49 @@ class MppsResult:
     linked_accessions: tuple[str, ...] = ()
 
 
+class StudyAction(enum.StrEnum):
+    """What a stable study in the PACS does to the worklist items it matches."""
+
+    COMPLETE = "complete"  # SCHEDULED / IN PROGRESS -> COMPLETED, as an MPPS COMPLETED
+    HIDE = "hide"  # off the worklist (COMPLETED) without telling the RIS
+    NONE = "none"  # only recorded
+
+
+@dataclass(frozen=True, slots=True)
+class StudyArrival:
+    """A study the PACS (Orthanc) reports stable: its main tags and what was performed."""
+
+    source: str  # which PACS: its REST URL, without credentials
+    source_id: str  # the PACS's own id of the study (Orthanc's study ID)
+    study_instance_uid: str | None = None
+    accession_number: str | None = None
+    patient_id: str | None = None
+    patient_name: str | None = None
+    modalities: tuple[str, ...] = ()
+    number_of_series: int | None = None
+    number_of_instances: int | None = None
+    study_date: dt.date | None = None
+    study_time: dt.time | None = None
+    study_description: str | None = None
+
+    @property
+    def performed_at(self) -> dt.datetime | None:
+        if self.study_date is None:
+            return None
+        return dt.datetime.combine(self.study_date, self.study_time or dt.time())
+
+
+@dataclass(frozen=True, slots=True)
+class StudyResult:
+    """What one arrival did: the items it matched (by Study Instance UID or accession number
+    and patient ID), those it completed or hid, and whether it was already known."""
+
+    matched_accessions: tuple[str, ...] = ()
+    changed_accessions: tuple[str, ...] = ()
+    matched_by: str | None = None  # "study_uid" / "accession"
+    repeated: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class WorklistRow:
     """A worklist item joined with its patient, as the DICOM edge renders it."""
@@ -153,6 +196,7 @@ class StatusKind(enum.StrEnum):
     COMPLETED = "completed"  # MPPS N-SET COMPLETED
     DISCONTINUED = "discontinued"  # MPPS N-SET DISCONTINUED
     ORDER_STATUS = "order_status"  # an order message changed an item's status
+    STUDY_RECEIVED = "study_received"  # the PACS holds a stable study for the order
 
 
 @dataclass(frozen=True, slots=True)

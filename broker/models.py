@@ -6,6 +6,7 @@ import datetime as dt
 from typing import ClassVar
 
 from sqlalchemy import (
+    BigInteger,
     Date,
     DateTime,
     ForeignKey,
@@ -296,3 +297,56 @@ class OperatorAction(Base):
         Index("ix_operator_action_accession_id", "accession_number", "id"),
         Index("ix_operator_action_at", "at"),
     )
+
+class StudyRecord(Base):
+    """A stable study the PACS (Orthanc) reported, with the item it matched if any.
+
+    Matched studies are the performed data of their item (instances, modalities, date), as an
+    MPPS is; unmatched ones (``item_fk`` NULL) wait for an administrator
+    (``worklist-broker studies list --unmatched``). Added by migration 0005_orthanc.
+    """
+
+    __tablename__ = "study_arrival"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(300))  # the PACS's REST URL
+    source_id: Mapped[str] = mapped_column(String(64))  # Orthanc's study ID
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    # The study's own accession number (SH, but PACS keep what modalities typed: 64).
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    modalities: Mapped[str | None] = mapped_column(String(64))  # backslash-separated
+    number_of_series: Mapped[int | None] = mapped_column(Integer)
+    number_of_instances: Mapped[int | None] = mapped_column(Integer)
+    performed_at: Mapped[dt.datetime | None] = mapped_column(DateTime)  # StudyDate + Time
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    # The item it matched; a purged item leaves the record (SET NULL keeps the purge simple).
+    item_fk: Mapped[int | None] = mapped_column(
+        ForeignKey("worklist_item.id", ondelete="SET NULL"), index=True)
+    matched_by: Mapped[str | None] = mapped_column(String(16))  # study_uid / accession
+    # What it did to its items: completed, hidden, none (on_study), or unchanged (already
+    # finished, e.g. by an MPPS).
+    action: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    item: Mapped[WorklistItem | None] = relationship()
+
+    __table_args__ = (
+        # One row per study and item: a study matching several steps has one per step.
+        # Serves the look-up by (source, source_id) too.
+        Index("ux_study_arrival_source_item", "source", "source_id", "item_fk", unique=True),
+    )
+
+
+class FeedCursor(Base):
+    """How far the broker has read a change feed (Orthanc's ``/changes`` ``Seq``), per source,
+    advanced in the same transaction as what the changes caused. Added by 0005_orthanc."""
+
+    __tablename__ = "feed_cursor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(300), unique=True)
+    position: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

@@ -29,6 +29,7 @@ from broker.domain import (
 from broker.errors import MppsError
 from broker.models import MppsForwardOperation, MPPSTracking, WorklistItem
 from broker.status_events import report_mpps
+from broker.studies import completed_by_study
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,12 @@ def _other_steps_in_progress(item: WorklistItem, record: MPPSTracking) -> bool:
                for other in item.mpps)
 
 
+def _completed_by_its_study(session: Session, item: WorklistItem) -> bool:
+    """The PACS's stable study already completed the item and told the RIS (orthanc.on_study
+    complete): an MPPS arriving late changes its status no more and sends nothing twice."""
+    return item.status == ItemStatus.COMPLETED and completed_by_study(session, item)
+
+
 def _report(session: Session, policy: StatusReporting, record: MPPSTracking,
             status: MppsStatus, item: WorklistItem) -> None:
     item.status = _ITEM_STATUS[status]
@@ -132,6 +139,8 @@ def record_mpps_create(session: Session, request: MppsCreate,
     for item in items:
         if item.status == ItemStatus.IN_PROGRESS:
             continue  # append case: the RIS already knows the step is under way
+        if _completed_by_its_study(session, item):
+            continue
         _report(session, policy, record, MppsStatus.IN_PROGRESS, item)
     if not items:
         report_mpps(session, policy, record, MppsStatus.IN_PROGRESS, None)
@@ -184,6 +193,8 @@ def record_mpps_set(session: Session, request: MppsSet,
         for item in record.items:
             if _other_steps_in_progress(item, record):
                 # Append case: the step is done only when its last MPPS is.
+                continue
+            if _completed_by_its_study(session, item):
                 continue
             _report(session, policy, record, new_status, item)
         if not record.items:

@@ -29,6 +29,7 @@ from broker.models import (
     OutboxMessage,
     OutboxState,
     Patient,
+    StudyRecord,
     WorklistItem,
     utcnow,
 )
@@ -61,6 +62,7 @@ class PurgeResult:
     outbox: int = 0
     inbound_messages: int = 0
     mpps_forwards: int = 0
+    studies: int = 0  # study records (broker.studies) without an item, as unlinked MPPS
     skipped: bool = False  # another process holds the purge lock
 
 
@@ -92,6 +94,12 @@ def _mpps_only_of(ids: list[int] | Select[tuple[int]]) -> ColumnElement[bool]:
             & ~MPPSTracking.items.any(~WorklistItem.id.in_(ids)))
 
 
+def _orphan_studies(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
+    # Matched ones lose their item to the purge above (SET NULL); unmatched ones never had one.
+    return (StudyRecord.item_fk.is_(None)
+            & (StudyRecord.received_at < now - dt.timedelta(days=retention.mpps_days)))
+
+
 def _sent_outbox(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
     return ((OutboxMessage.state == OutboxState.SENT)
             & (OutboxMessage.sent_at < now - dt.timedelta(days=retention.outbox_days)))
@@ -111,7 +119,7 @@ DeleteBatch = Callable[[Session, list[int]], int]
 
 
 def _delete_by_id(model: type[MPPSTracking | Patient | OutboxMessage | InboundMessage
-                              | MppsForward | CFindExposure]) -> DeleteBatch:
+                              | MppsForward | CFindExposure | StudyRecord]) -> DeleteBatch:
     def delete_rows(session: Session, ids: list[int]) -> int:
         return session.execute(delete(model).where(model.id.in_(ids))).rowcount
     return delete_rows
@@ -141,7 +149,8 @@ def purge(store: Store, *, retention: Retention, now: dt.datetime | None = None,
     items = _expired_items(retention, now)
     if dry_run:
         return _count(store, items, _unlinked_mpps(retention, now), _sent_outbox(retention, now),
-                      _old_inbound(retention, now), _sent_forwards(retention, now))
+                      _old_inbound(retention, now), _sent_forwards(retention, now), retention,
+                      now)
     with store.exclusive("purge") as mine:
         if not mine:
             log.info("purge skipped: another broker (or purge command) is purging")
@@ -183,15 +192,18 @@ def _purge(store: Store, retention: Retention, now: dt.datetime,
     # purge: kept as long as the inbound log, then swept.
     _batched_delete(store, select(CFindExposure.id).where(_orphan_exposure(retention, now)),
                     _delete_by_id(CFindExposure))
-    result = PurgeResult(item_count, mpps, patients, sent, inbound, forwards)
-    log.info("purge done items=%d mpps=%d patients=%d outbox=%d inbound=%d mpps_forwards=%d",
-             item_count, mpps, patients, sent, inbound, forwards)
+    studies = _batched_delete(store, select(StudyRecord.id).where(
+        _orphan_studies(retention, now)), _delete_by_id(StudyRecord))
+    result = PurgeResult(item_count, mpps, patients, sent, inbound, forwards, studies)
+    log.info("purge done items=%d mpps=%d patients=%d outbox=%d inbound=%d mpps_forwards=%d "
+             "studies=%d", item_count, mpps, patients, sent, inbound, forwards, studies)
     return result
 
 
 def _count(store: Store, items: ColumnElement[bool], unlinked_mpps: ColumnElement[bool],
            sent: ColumnElement[bool], inbound: ColumnElement[bool],
-           sent_forwards: ColumnElement[bool]) -> PurgeResult:
+           sent_forwards: ColumnElement[bool], retention: Retention, now: dt.datetime,
+           ) -> PurgeResult:
     expired_ids = select(WorklistItem.id).where(items)
     with store.reading() as session:
         item_count = session.scalar(select(func.count(WorklistItem.id)).where(items)) or 0
@@ -202,4 +214,7 @@ def _count(store: Store, items: ColumnElement[bool], unlinked_mpps: ColumnElemen
         outbox = session.scalar(select(func.count(OutboxMessage.id)).where(sent)) or 0
         old = session.scalar(select(func.count(InboundMessage.id)).where(inbound)) or 0
         forwards = session.scalar(select(func.count(MppsForward.id)).where(sent_forwards)) or 0
-    return PurgeResult(item_count, mpps, patients, outbox, old, forwards)
+        studies = session.scalar(select(func.count(StudyRecord.id)).where(
+            (StudyRecord.item_fk.in_(expired_ids) | StudyRecord.item_fk.is_(None))
+            & (StudyRecord.received_at < now - dt.timedelta(days=retention.mpps_days)))) or 0
+    return PurgeResult(item_count, mpps, patients, outbox, old, forwards, studies)

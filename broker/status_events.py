@@ -16,7 +16,14 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from broker import outbox
-from broker.domain import ItemStatus, MppsStatus, StatusEvent, StatusKind, StatusReporting
+from broker.domain import (
+    ItemStatus,
+    MppsStatus,
+    StatusEvent,
+    StatusKind,
+    StatusReporting,
+    StudyArrival,
+)
 from broker.models import MPPSTracking, WorklistItem
 
 # HL7 table 0038 order status (ORC-5) for each item status.
@@ -178,3 +185,27 @@ def report_order_status(session: Session, policy: StatusReporting, item: Worklis
         # Local time, as the RIS's own timestamps and the modalities' DICOM dates are.
         event_time=when or dt.datetime.now(), modality=item.modality,
         station_ae_title=item.scheduled_station_ae_title, **_item_fields(item)))
+
+
+def report_study(session: Session, policy: StatusReporting, item: WorklistItem,
+                 study: StudyArrival, kind: StatusKind) -> None:
+    """Queue the message for a stable study that matched ``item``: ``COMPLETED`` is the very
+    message an MPPS COMPLETED sends (ORC-5 CM, the same ``completed`` settings), with the
+    study's performed data in place of the MPPS's; ``STUDY_RECEIVED`` tells the RIS the images
+    are there, with the item's status as it now is."""
+    if kind not in policy.kinds:
+        return
+    status = ItemStatus.COMPLETED if kind is StatusKind.COMPLETED else ItemStatus(item.status)
+    performed = study.performed_at
+    outbox.enqueue(session, StatusEvent(
+        order_status=ORDER_STATUS[status], kind=kind,
+        # As the MPPS message: the time the step ended, here the study's (local) date.
+        event_time=performed or dt.datetime.now(),
+        performed_start=performed, performed_end=None,
+        number_of_images=study.number_of_instances,
+        # One value (IPC-5 is one code): the ordered modality if the study holds it (a CT
+        # study often carries SR or PR series too), else the study's first.
+        modality=(item.modality if not study.modalities or item.modality in study.modalities
+                  else study.modalities[0]),
+        station_ae_title=item.scheduled_station_ae_title,
+        **_item_fields(item)))

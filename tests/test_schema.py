@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy import inspect, text
 
 from broker.domain import Order, OrderControl, PatientData, ProcedureData
@@ -171,3 +172,54 @@ def test_the_console_revision_adds_its_tables_to_a_0002_database_keeping_rows(st
                       detail="d")
     with store.reading() as s:
         assert [a.user for a in list_actions(s)] == ["u"]
+
+
+def test_a_database_at_0002_gets_the_orthanc_tables_keeping_its_rows(store):
+    """Revision 0005_orthanc from the shape 0002_step_keys left (its tables absent)."""
+    from broker.domain import StudyArrival
+    from broker.studies import record_study_arrival
+
+    with store.writing() as s:
+        apply_order(s, Order(OrderControl.NEW, PatientData("P1"),
+                             ProcedureData("ACC1", study_instance_uid="1.2.3.9")),
+                    uid_root="1.2.3")
+    with store.write_engine.begin() as conn:
+        conn.execute(text("DROP TABLE study_arrival"))
+        conn.execute(text("DROP TABLE feed_cursor"))
+        conn.execute(text("UPDATE alembic_version SET version_num = '0002_step_keys'"))
+
+    store.create_schema()
+
+    assert _version(store) == head()
+    with store.write_engine.connect() as conn:
+        assert {"study_arrival", "feed_cursor"} <= set(inspect(conn).get_table_names())
+    with store.writing() as s:
+        result = record_study_arrival(s, StudyArrival("http://o", "x",
+                                                      study_instance_uid="1.2.3.9"))
+    assert result.matched_accessions == ("ACC1",)
+
+
+@pytest.mark.parametrize("tables_present", [True, False])
+def test_the_orthanc_revision_creates_its_tables_or_finds_them(sqlite_store, tables_present):
+    """broker.schema creates missing tables before upgrading (0005 finds them there); run by
+    Alembic alone, 0005 creates them as the models declare them."""
+    from alembic import command
+
+    from broker.models import Base
+    from broker.schema import _alembic_config
+
+    with sqlite_store.write_engine.begin() as conn:
+        if not tables_present:
+            conn.execute(text("DROP TABLE study_arrival"))
+            conn.execute(text("DROP TABLE feed_cursor"))
+        conn.execute(text("UPDATE alembic_version SET version_num = '0002_step_keys'"))
+        config = _alembic_config()
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+    assert _version(sqlite_store) == head()
+    with sqlite_store.write_engine.connect() as conn:
+        for table in ("study_arrival", "feed_cursor"):
+            columns = {c["name"] for c in inspect(conn).get_columns(table)}
+            assert columns == set(Base.metadata.tables[table].columns.keys())
+            indexes = {i["name"] for i in inspect(conn).get_indexes(table)}
+            assert indexes >= {i.name for i in Base.metadata.tables[table].indexes}

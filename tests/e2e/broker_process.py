@@ -41,7 +41,8 @@ class BrokerProcess:
 def write_config(directory: Path, *, database_url: str | None = None, ris_port: int | None = None,
                  outbound_interval: float = 0.2, mapping: str | None = None,
                  dicom: dict[str, object] | None = None,
-                 hl7: dict[str, object] | None = None) -> tuple[Path, int, int]:
+                 hl7: dict[str, object] | None = None,
+                 sections: dict[str, object] | None = None) -> tuple[Path, int, int]:
     dicom_port, hl7_port = free_port(), free_port()
     config = {
         "database": {"url": database_url or f"sqlite:///{directory / 'worklist.db'}"},
@@ -52,6 +53,7 @@ def write_config(directory: Path, *, database_url: str | None = None, ris_port: 
                 "connect_timeout_seconds": 2, "ack_timeout_seconds": 5},
         "jobs": {"outbound_interval_seconds": outbound_interval, "mapping_check_seconds": 0.5},
         "mapping": mapping or str(REPO / "config" / "mapping.yaml"),
+        **(sections or {}),  # further sections, e.g. orthanc
     }
     path = directory / "broker.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -61,6 +63,12 @@ def write_config(directory: Path, *, database_url: str | None = None, ris_port: 
 def start_broker(directory: Path, *extra_args: str, **config: object) -> BrokerProcess:
     directory.mkdir(parents=True, exist_ok=True)
     config_path, dicom_port, hl7_port = write_config(directory, **config)  # type: ignore[arg-type]
+    return launch(directory, config_path, dicom_port, hl7_port, *extra_args)
+
+
+def launch(directory: Path, config_path: Path, dicom_port: int, hl7_port: int,
+           *extra_args: str) -> BrokerProcess:
+    """``serve`` with a config file written by the caller, listening on these ports."""
     log_path = directory / "broker.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WLB_")}
     with log_path.open("wb") as log:

@@ -176,6 +176,7 @@ def test_database_failure_answers_ae_and_leaves_nothing_half_written(store):
     # first, then the worklist item insert fails.
     with store.writing() as s:
         s.execute(text("DROP TABLE mpps_item"))
+        s.execute(text("DROP TABLE study_arrival"))  # its foreign key, on PostgreSQL
         s.execute(text("DROP TABLE worklist_item"))
     nak = handler.handle(orm(accession="X").encode())
     assert field_of(nak.decode(), "MSA", 1) == "AE"
