@@ -11,7 +11,9 @@ A read model over the tables that already hold each fact (no second copy):
 - ``outbox``: each status message queued, then ACKed (``sent_at``), still pending after failed
   attempts, or dead-lettered (no time of its own is kept for that: it is shown at its
   queueing time, with the last error);
-- ``operator_action``: console actions, and the purge of the item.
+- ``operator_action``: console actions, and the purge of the item;
+- ``study_arrival``: each stable study the PACS (Orthanc) reported for it, with its performed
+  data (instances, series, modalities, date) and what it did to the item.
 
 Times are the store's: naive UTC.
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from broker import cfind_log
+from broker import cfind_log, studies
 from broker.models import (
     InboundMessage,
     MPPSItemLink,
@@ -35,10 +37,10 @@ from broker.models import (
     WorklistItem,
 )
 
-KINDS = ("hl7", "cfind", "mpps", "status_message", "purge", "operator")
+KINDS = ("hl7", "cfind", "mpps", "study", "status_message", "purge", "operator")
 # Among events of the same instant, the order a reader expects: the cause before its effect.
 _RANK = {kind: rank for rank, kind in enumerate(
-    ("hl7", "operator", "cfind", "mpps", "status_message", "purge"))}
+    ("hl7", "operator", "cfind", "mpps", "study", "status_message", "purge"))}
 
 
 @dataclass(frozen=True)
@@ -152,12 +154,29 @@ def _actions(session: Session, accession_number: str) -> list[TimelineEvent]:
     return events
 
 
+def _studies(session: Session, accession_number: str) -> list[TimelineEvent]:
+    events = []
+    for r in studies.studies_for_accession(session, accession_number):
+        performed = ", ".join(part for part in (
+            f"{r.number_of_instances} instances" if r.number_of_instances is not None else "",
+            f"{r.number_of_series} series" if r.number_of_series is not None else "",
+            (r.modalities or "").replace("\\", "/"),
+            f"performed {_when(r.performed_at)}" if r.performed_at else "") if part)
+        effect = (f"matched by {r.matched_by.replace('_', ' ')}, {r.action or 'recorded'}"
+                  if r.matched_by else "matched no item")
+        events.append(TimelineEvent(
+            at=r.received_at, kind="study", title=f"Study stable in the PACS ({effect})",
+            detail=f"{performed}; Study Instance UID {r.study_instance_uid or '-'}",
+            ref={"study_record_id": r.id, "source": r.source, "source_id": r.source_id}))
+    return events
+
+
 def order_timeline(session: Session, accession_number: str) -> list[TimelineEvent]:
     """Every recorded event of the order, oldest first (an empty list: nothing known)."""
     item_id = session.scalar(select(WorklistItem.id)
                              .where(WorklistItem.accession_number == accession_number))
     events = [*_hl7(session, accession_number), *_cfind(session, accession_number),
               *_mpps(session, item_id), *_status_messages(session, accession_number),
-              *_actions(session, accession_number)]
+              *_studies(session, accession_number), *_actions(session, accession_number)]
     events.sort(key=lambda e: (e.at, _RANK[e.kind]))
     return events

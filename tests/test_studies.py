@@ -209,3 +209,18 @@ def test_the_purge_takes_study_records_whose_order_is_gone_and_old_unmatched_one
     assert (result.worklist_items, result.studies) == (1, 3)
     with store.reading() as s:
         assert s.scalars(select(StudyRecord.source_id)).all() == []
+
+
+def test_a_study_shows_in_the_order_timeline_with_its_performed_data(store):
+    from broker.timeline import order_timeline
+
+    _order(store, "TL1", uid="1.2.3.77")
+    _arrive(store, _study(uid="1.2.3.77", instances=42))
+    _arrive(store, _study("s2", accession="TL1", patient="OTHER"))  # no match: same accession
+    with store.reading() as s:
+        events = [e for e in order_timeline(s, "TL1") if e.kind == "study"]
+    assert [e.title for e in events] == [
+        "Study stable in the PACS (matched by study uid, completed)",
+        "Study stable in the PACS (matched no item)"]
+    assert events[0].detail.startswith("42 instances, 2 series, CT/SR, performed 2026-11-29")
+    assert "1.2.3.77" in events[0].detail
