@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from broker import inbound_log
+from broker import inbound_log, metrics
 from broker.config import BrokerConfig
 from broker.domain import DEFAULT_REPORTING, PatientMerge, StatusReporting
 from broker.errors import InvalidOrder, UnsupportedMessage
@@ -101,6 +101,7 @@ class OrderMessageHandler:
     def reject(self, reason: str, code: str = "100", raw: bytes = b"") -> bytes:
         """AR for bytes that never became a message (e.g. a frame over the size limit)."""
         log.warning("message rejected before parsing: %s", reason)
+        metrics.observe_hl7("", "AR")
         ack = self._ack(None, "AR", reason, ErrorDetail(code))
         self._keep_rejection(None, raw, "AR", reason, ack)
         return ack
@@ -258,6 +259,7 @@ class OrderMessageHandler:
 
     @staticmethod
     def _log(msg: ParsedMessage, code: str, detail: str) -> None:
+        metrics.observe_hl7(f"{msg.message_type}^{msg.trigger_event}", code)
         level = logging.INFO if code == "AA" else logging.WARNING
         log.log(level, "msh10=%s type=%s^%s from=%s %s: %s", msg.control_id,
                 msg.message_type, msg.trigger_event, msg.msh(3), code, detail)

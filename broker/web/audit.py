@@ -1,0 +1,23 @@
+"""Operator actions (replay, retry, drop, worklist create/modify/delete) recorded with who,
+when and what, through the core's ``broker.operator_actions``."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
+
+
+def record(session: Session, *, user: str, action: str, accession_number: str | None = None,
+           target: str | None = None, detail: str | None = None) -> None:
+    """Add the action to the caller's transaction (it is kept only if the change commits)."""
+    log.info("operator action user=%s action=%s accession=%s target=%s", user, action,
+             accession_number or "", target or "")
+    try:
+        from broker.operator_actions import record_action
+    except ImportError:  # the core's table arrives with console-core; log only until then
+        return
+    record_action(session, user=user, action=action, accession_number=accession_number,
+                  target=target, detail=detail)
