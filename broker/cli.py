@@ -368,6 +368,36 @@ def _mpps(args: argparse.Namespace) -> int:
     return 0 if outcome.status == 0 else EXIT_FAILURE
 
 
+def _timeline(args: argparse.Namespace) -> int:
+    from broker.timeline import order_timeline
+
+    with _store(args) as (_, store):
+        with store.reading() as session:
+            events = order_timeline(session, args.accession)
+    if not events:
+        raise CommandError(f"nothing is known of accession number {args.accession}")
+    for event in events:
+        print(f"{event.at:%Y-%m-%d %H:%M:%S}\t{event.kind}\t{event.title}\t{event.detail}")
+    return 0
+
+
+def _why_not(args: argparse.Namespace) -> int:
+    from broker.dicom.why_not import explain_recent
+
+    with _store(args) as (config, store):
+        explanations = explain_recent(store, config.dicom, args.accession, args.aet)
+    if not explanations:
+        raise CommandError(f"no C-FIND from calling AE {args.aet} is recorded")
+    for explanation in explanations:
+        verdict = "matched" if explanation.matched else "not matched"
+        print(f"C-FIND from {explanation.calling_ae} at {explanation.at:%Y-%m-%d %H:%M:%S} "
+              f"(asked {explanation.count} time(s), {explanation.matches} item(s) sent): "
+              f"{verdict}")
+        for key in explanation.verdicts:
+            print(f"  {'ok' if key.matched else 'NO'}\t{key.reason}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worklist-broker",
@@ -417,6 +447,19 @@ def build_parser() -> argparse.ArgumentParser:
         files.add_argument("directory")
         files.add_argument("--config", default="config/broker.yaml")
         files.set_defaults(func=_worklist_files)
+
+    timeline = commands.add_parser("timeline", help="everything that happened to one order, "
+                                   "oldest first (UTC)")
+    timeline.add_argument("accession", help="AccessionNumber of the order")
+    timeline.add_argument("--config", default="config/broker.yaml")
+    timeline.set_defaults(func=_timeline)
+
+    why_not = commands.add_parser("why-not", help="why a modality's recent C-FIND queries did "
+                                  "or did not return an order, key by key")
+    why_not.add_argument("accession", help="AccessionNumber of the order")
+    why_not.add_argument("--aet", required=True, help="calling AE title of the modality")
+    why_not.add_argument("--config", default="config/broker.yaml")
+    why_not.set_defaults(func=_why_not)
 
     test = commands.add_parser("mapping-test", help="show the worklist entry an HL7 file "
                                "would produce, without touching the database")

@@ -109,6 +109,13 @@ class DicomConfig(_Section):
             raise ValueError(f"destination listed twice: {', '.join(repeated)}")
         return value
 
+    # Record which calling AE was given which item, and each calling AE's last few distinct
+    # C-FIND identifiers (order timeline, "why is it not on the worklist?"). Buffered in
+    # memory and written every record_flush_seconds, off the C-FIND path.
+    record_cfind: bool = True
+    record_flush_seconds: float = Field(5, gt=0, le=3600)
+    recent_queries_per_ae: int = Field(5, ge=1, le=100)
+
     # Person name keys (Patient's Name, physicians) match case-sensitively: PS3.4 C.2.2.2.1
     # leaves PN case to the SCP, and modalities type names in any case, so off by default.
     names_case_sensitive: bool = False

@@ -29,10 +29,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Time, cast, func, or_, select
+from sqlalchemy import ColumnElement, Select, Time, and_, case, cast, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from broker.domain import VISIBLE_STATUSES, ItemStatus, PatientData, ProcedureData, WorklistRow
@@ -441,64 +442,147 @@ _COLUMNS = (
 )
 
 
-def conditions(query: WorklistQuery, dialect: str) -> list[Condition]:
-    """Every filter the query asks for, ready for ``select(...).where(*conditions)``."""
-    text_keys: list[tuple[Column, str | None]] = [
-        (WorklistItem.accession_number, query.accession_number),
-        (Patient.patient_id, query.patient_id),
-        (Patient.issuer_of_patient_id, query.issuer_of_patient_id),
-        (Patient.sex, query.patient_sex),
-        (WorklistItem.placer_order_number, query.placer_order_number),
-        (WorklistItem.filler_order_number, query.filler_order_number),
-        (WorklistItem.requested_procedure_id, query.requested_procedure_id),
-        (WorklistItem.requested_procedure_description, query.requested_procedure_description),
-        (WorklistItem.requested_procedure_code_value, query.requested_procedure_code_value),
-        (WorklistItem.requested_procedure_code_scheme, query.requested_procedure_code_scheme),
-        (WorklistItem.requested_procedure_code_meaning, query.requested_procedure_code_meaning),
-        (WorklistItem.modality, query.modality),
-        (WorklistItem.scheduled_station_ae_title, query.scheduled_station_ae_title),
-        (WorklistItem.sps_id, query.sps_id),
-        (WorklistItem.sps_description, query.sps_description),
-        (WorklistItem.scheduled_station_name, query.scheduled_station_name),
-        (WorklistItem.requested_procedure_priority, query.requested_procedure_priority),
-    ]
-    name_keys: list[tuple[Column, str | None]] = [
-        (Patient.patient_name, query.patient_name),
-        (WorklistItem.referring_physician_name, query.referring_physician_name),
-        (WorklistItem.requesting_physician, query.requesting_physician),
-        (WorklistItem.scheduled_performing_physician_name,
-         query.scheduled_performing_physician_name),
-    ]
-    found: list[Condition] = [WorklistItem.status.in_([str(s) for s in query.statuses])]
-    for column, value in text_keys:
+# The DICOM name of each key, as an explanation shows it (PS3.6).
+_TEXT_KEYS: tuple[tuple[str, str, Column], ...] = (
+    ("accession_number", "Accession Number", WorklistItem.accession_number),
+    ("patient_id", "Patient ID", Patient.patient_id),
+    ("issuer_of_patient_id", "Issuer of Patient ID", Patient.issuer_of_patient_id),
+    ("patient_sex", "Patient's Sex", Patient.sex),
+    ("placer_order_number", "Placer Order Number / Imaging Service Request",
+     WorklistItem.placer_order_number),
+    ("filler_order_number", "Filler Order Number / Imaging Service Request",
+     WorklistItem.filler_order_number),
+    ("requested_procedure_id", "Requested Procedure ID", WorklistItem.requested_procedure_id),
+    ("requested_procedure_description", "Requested Procedure Description",
+     WorklistItem.requested_procedure_description),
+    ("requested_procedure_code_value", "Requested Procedure Code Value",
+     WorklistItem.requested_procedure_code_value),
+    ("requested_procedure_code_scheme", "Requested Procedure Coding Scheme Designator",
+     WorklistItem.requested_procedure_code_scheme),
+    ("requested_procedure_code_meaning", "Requested Procedure Code Meaning",
+     WorklistItem.requested_procedure_code_meaning),
+    ("modality", "Modality", WorklistItem.modality),
+    ("scheduled_station_ae_title", "Scheduled Station AE Title",
+     WorklistItem.scheduled_station_ae_title),
+    ("sps_id", "Scheduled Procedure Step ID", WorklistItem.sps_id),
+    ("sps_description", "Scheduled Procedure Step Description", WorklistItem.sps_description),
+    ("scheduled_station_name", "Scheduled Station Name", WorklistItem.scheduled_station_name),
+    ("requested_procedure_priority", "Requested Procedure Priority",
+     WorklistItem.requested_procedure_priority),
+)
+_NAME_KEYS: tuple[tuple[str, str, Column], ...] = (
+    ("patient_name", "Patient's Name", Patient.patient_name),
+    ("referring_physician_name", "Referring Physician's Name",
+     WorklistItem.referring_physician_name),
+    ("requesting_physician", "Requesting Physician", WorklistItem.requesting_physician),
+    ("scheduled_performing_physician_name", "Scheduled Performing Physician's Name",
+     WorklistItem.scheduled_performing_physician_name),
+)
+STATUS_KEY = "Scheduled Procedure Step Status"
+START_DATE_KEY = "Scheduled Procedure Step Start Date"
+START_TIME_KEY = "Scheduled Procedure Step Start Time"
+SCOPE_KEY = "only_own_items"
+
+
+def _shown(value: Any) -> str:
+    if value is None or value == "":
+        return "(empty)"
+    if isinstance(value, dt.datetime):
+        return f"{value:%Y%m%d %H%M%S}"
+    if isinstance(value, dt.date):
+        return f"{value:%Y%m%d}"
+    return str(value)
+
+
+def _shown_date(value: Any) -> str:
+    return f"{value:%Y%m%d}" if isinstance(value, dt.date) else _shown(value)
+
+
+def _shown_time(value: Any) -> str:
+    return f"{value:%H%M%S}" if isinstance(value, dt.datetime) else _shown(value)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCondition:
+    """One key's filter, with what the explanation of a decision needs to show it.
+
+    ``field`` is the :class:`WorklistQuery` field it comes from, ``item`` the stored value
+    it tests (rendered by ``shown``). C-FIND uses only ``condition``; an explanation runs the
+    very same conditions against one item (:func:`explain`).
+    """
+
+    field: str
+    key: str
+    asked: str
+    condition: Condition
+    item: ColumnElement[Any]
+    shown: Callable[[Any], str] = _shown
+
+
+def keyed_conditions(query: WorklistQuery, dialect: str) -> list[KeyCondition]:
+    """Every filter the query asks for, one per key; raises :class:`InvalidQuery`."""
+    found: list[KeyCondition] = [KeyCondition(
+        "statuses", STATUS_KEY, ", ".join(str(s) for s in query.statuses) or "(none)",
+        WorklistItem.status.in_([str(s) for s in query.statuses]), WorklistItem.status)]
+    for field, key, column in _TEXT_KEYS:
+        value = getattr(query, field)
         condition = match_text(column, value, dialect=dialect)
         if condition is not None:
-            found.append(condition)
-    for column, value in name_keys:
+            found.append(KeyCondition(field, key, value, condition, column))
+    for field, key, column in _NAME_KEYS:
+        value = getattr(query, field)
         condition = match_person_name(column, value, dialect=dialect,
                                       case_insensitive=not query.names_case_sensitive)
         if condition is not None:
-            found.append(condition)
-    found.extend(match_date(Patient.birth_date, query.patient_birth_date))
+            found.append(KeyCondition(field, key, value, condition, column))
+    birth = match_date(Patient.birth_date, query.patient_birth_date)
+    if birth:
+        found.append(KeyCondition("patient_birth_date", "Patient's Birth Date",
+                                  query.patient_birth_date or "", and_(*birth),
+                                  Patient.birth_date, _shown_date))
     uid = match_uid_list(WorklistItem.study_instance_uid, query.study_instance_uid)
     if uid is not None:
-        found.append(uid)
+        found.append(KeyCondition("study_instance_uid", "Study Instance UID",
+                                  query.study_instance_uid or "", uid,
+                                  WorklistItem.study_instance_uid))
     if query.scope_station is not None:
         own: Condition = WorklistItem.scheduled_station_ae_title == query.scope_station
+        asked = query.scope_station
         if query.scope_modality is not None:
             own = or_(own, (WorklistItem.scheduled_station_ae_title.is_(None)
                             & (WorklistItem.modality == query.scope_modality)))
-        found.append(own)
+            asked += f" (or no station and modality {query.scope_modality})"
+        found.append(KeyCondition("scope_station", SCOPE_KEY, asked, own,
+                                  WorklistItem.scheduled_station_ae_title))
+    start = WorklistItem.scheduled_start
     if query.scheduled_start_date:
         low, high = start_interval(query.scheduled_start_date, query.scheduled_start_time)
+        bounds: list[Condition] = []
         if low is not None:
-            found.append(WorklistItem.scheduled_start >= low)
+            bounds.append(start >= low)
         if high is not None:
-            found.append(WorklistItem.scheduled_start < high)
+            bounds.append(start < high)
+        if query.scheduled_start_time:
+            found.append(KeyCondition(
+                "scheduled_start_date", f"{START_DATE_KEY} and Time",
+                f"{query.scheduled_start_date} {query.scheduled_start_time}", and_(*bounds),
+                start))
+        else:
+            found.append(KeyCondition("scheduled_start_date", START_DATE_KEY,
+                                      query.scheduled_start_date, and_(*bounds), start,
+                                      _shown_date))
     else:
-        found.extend(time_of_day_condition(WorklistItem.scheduled_start,
-                                           query.scheduled_start_time, dialect))
+        times = time_of_day_condition(start, query.scheduled_start_time, dialect)
+        if times:
+            found.append(KeyCondition("scheduled_start_time", START_TIME_KEY,
+                                      query.scheduled_start_time or "", and_(*times), start,
+                                      _shown_time))
     return found
+
+
+def conditions(query: WorklistQuery, dialect: str) -> list[Condition]:
+    """Every filter the query asks for, ready for ``select(...).where(*conditions)``."""
+    return [key.condition for key in keyed_conditions(query, dialect)]
 
 
 def _row(values: Any) -> WorklistRow:
@@ -535,6 +619,14 @@ def _row(values: Any) -> WorklistRow:
     )
 
 
+def _ordered(statement: Select[Any], where: list[Condition]) -> Select[Any]:
+    """The matching items, joined to their patient, in the order C-FIND answers them."""
+    return (statement
+            .join(Patient, WorklistItem.patient_fk == Patient.id)
+            .where(*where)
+            .order_by(WorklistItem.scheduled_start.asc().nulls_last(), WorklistItem.id))
+
+
 def find_worklist(session: Session, query: WorklistQuery) -> list[WorklistRow]:
     """The matching items with their patients, by scheduled start, at most ``query.limit``.
 
@@ -545,17 +637,97 @@ def find_worklist(session: Session, query: WorklistQuery) -> list[WorklistRow]:
         return []
     dialect = session.get_bind().dialect.name
     where = conditions(query, dialect)
-    statement = (
-        select(*_COLUMNS)
-        .join(Patient, WorklistItem.patient_fk == Patient.id)
-        .where(*where)
-        .order_by(WorklistItem.scheduled_start.asc().nulls_last(), WorklistItem.id)
-        # One row more than allowed tells a truncated answer from an exact fit.
-        .limit(query.limit + 1)
-    )
+    # One row more than allowed tells a truncated answer from an exact fit.
+    statement = _ordered(select(*_COLUMNS), where).limit(query.limit + 1)
     rows = [_row(values) for values in session.execute(statement)]
     if len(rows) > query.limit:
         log.warning("worklist query matched more than %d items; answering the first %d",
                     query.limit, query.limit)
         del rows[query.limit:]
     return rows
+
+
+# --- explaining a decision ---------------------------------------------------------------
+
+LIMIT_KEY = "max_matches"
+UNIVERSAL_DAYS_KEY = "universal_query_days"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVerdict:
+    """Whether one key of a query let one item through, and why, in an operator's words."""
+
+    key: str
+    asked: str
+    item: str
+    matched: bool
+    reason: str
+
+
+def _reason(key: KeyCondition, item: str, matched: bool, policy: Collection[str]) -> str:
+    if key.field in policy:
+        if key.field == "statuses":
+            return f"status {item} is {'' if matched else 'not '}visible"
+        if key.field == "scope_station":
+            return f"{SCOPE_KEY}: station {key.asked}, item {item}"
+        if key.field == "scheduled_start_date":
+            return (f"{UNIVERSAL_DAYS_KEY}: a query with no date and no identifying key gets "
+                    f"{key.asked}, item {item}")
+    return f"{key.key}: asked {key.asked}, item {item}"
+
+
+def _item_scope(session: Session, item_id: int) -> str:
+    station, modality = session.execute(
+        select(WorklistItem.scheduled_station_ae_title, WorklistItem.modality)
+        .where(WorklistItem.id == item_id)).one()
+    return station or f"no station, modality {modality or '(empty)'}"
+
+
+def explain(session: Session, query: WorklistQuery, item_id: int, *,
+            policy: Collection[str] = ()) -> list[KeyVerdict]:
+    """Key by key, whether the item ``item_id`` matches ``query``, as C-FIND decides it.
+
+    The very conditions :func:`find_worklist` puts in its WHERE clause are evaluated, each
+    on its own, against that one item (one SELECT). ``policy`` names the query fields the
+    site policy set rather than the modality (``statuses``, ``scope_station``,
+    ``scheduled_start_date``), so the reason names the rule. A match the query's limit cuts
+    off is reported as the ``max_matches`` key. Raises :class:`InvalidQuery`, and
+    ``NoResultFound`` when there is no such item.
+    """
+    dialect = session.get_bind().dialect.name
+    keyed = keyed_conditions(query, dialect)
+    columns: list[ColumnElement[Any]] = []
+    for number, key in enumerate(keyed):
+        columns.append(case((key.condition, 1), else_=0).label(f"m{number}"))
+        columns.append(key.item.label(f"v{number}"))
+    row = session.execute(
+        select(*columns).select_from(WorklistItem)
+        .join(Patient, WorklistItem.patient_fk == Patient.id)
+        .where(WorklistItem.id == item_id)).one()
+    verdicts: list[KeyVerdict] = []
+    for number, key in enumerate(keyed):
+        matched = bool(row[2 * number])
+        item = (_item_scope(session, item_id) if key.field == "scope_station"
+                else key.shown(row[2 * number + 1]))
+        verdicts.append(KeyVerdict(key.key, key.asked, item, matched,
+                                   _reason(key, item, matched, policy)))
+    if all(verdict.matched for verdict in verdicts):
+        cut = _beyond_limit(session, query, item_id, [key.condition for key in keyed])
+        if cut is not None:
+            verdicts.append(cut)
+    return verdicts
+
+
+def _beyond_limit(session: Session, query: WorklistQuery, item_id: int,
+                  where: list[Condition]) -> KeyVerdict | None:
+    """The ``max_matches`` verdict when the item matched but is not among the items sent."""
+    total = session.scalar(select(func.count()).select_from(
+        _ordered(select(WorklistItem.id), where).order_by(None).subquery())) or 0
+    if total <= query.limit:
+        return None
+    sent = set(session.scalars(_ordered(select(WorklistItem.id), where).limit(query.limit)))
+    if item_id in sent:
+        return None
+    return KeyVerdict(LIMIT_KEY, str(query.limit), f"one of {total} matches", False,
+                      f"{LIMIT_KEY}: the query matched {total} items; only the first "
+                      f"{query.limit} by scheduled start are answered")

@@ -223,3 +223,68 @@ class MppsForward(Base):
         Index("ix_mpps_forward_state_destination_id", "state", "destination", "id"),
         Index("ix_mpps_forward_uid_destination_id", "sop_instance_uid", "destination", "id"),
     )
+
+
+class CFindExposure(Base):
+    """Which calling AE was given which item in C-FIND answers: first and last time, how often.
+
+    One row per (calling AE, accession number), aggregated by the DICOM edge's recorder in
+    batches. No foreign key: a batch may arrive just after its item was purged or cancelled
+    away; the purge deletes the rows with their item.
+    """
+
+    __tablename__ = "cfind_exposure"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    accession_number: Mapped[str] = mapped_column(String(16), index=True)
+    first_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    last_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    count: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (
+        # The upsert's conflict target, so brokers sharing one PostgreSQL add up their counts.
+        Index("ux_cfind_exposure_ae_accession", "calling_ae", "accession_number", unique=True),
+    )
+
+
+class CFindQuery(Base):
+    """The last few distinct C-FIND identifiers of each calling AE, for "why is it not on the
+    worklist?". A repeated identifier (a modality polling) moves to the front and counts."""
+
+    __tablename__ = "cfind_query"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    # sha256 of identifier_json: the upsert's key (the JSON itself is too long to index).
+    digest: Mapped[str] = mapped_column(String(64))
+    identifier_json: Mapped[str] = mapped_column(Text)  # DICOM JSON, as the modality asked
+    first_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    last_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    count: Mapped[int] = mapped_column(Integer)
+    matches: Mapped[int] = mapped_column(Integer)  # items sent by the last one
+
+    __table_args__ = (
+        Index("ux_cfind_query_ae_digest", "calling_ae", "digest", unique=True),
+        Index("ix_cfind_query_ae_last", "calling_ae", "last_at"),
+    )
+
+
+class OperatorAction(Base):
+    """What an operator did through the console (replay, retry, drop, worklist create /
+    modify / delete), and the purge's removal of an item: who, when, what changed."""
+
+    __tablename__ = "operator_action"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    user: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(32))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    target: Mapped[str] = mapped_column(String(200))
+    detail: Mapped[str] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_operator_action_accession_id", "accession_number", "id"),
+        Index("ix_operator_action_at", "at"),
+    )

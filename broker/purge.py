@@ -1,7 +1,8 @@
 """purge: delete what the retention rules say is no longer needed, in short batches.
 
 Items age by their scheduled start (their creation time when the RIS sent none). Each item's
-MPPS records go with it; MPPS records that match no order, sent status messages, sent MPPS
+MPPS records and C-FIND exposure go with it, and a "purge" operator action is written in its
+place for the order's timeline; MPPS records that match no order, sent status messages, sent MPPS
 forwards (with the status messages' retention) and patients left without items age on their
 own. Pending and dead-lettered status messages and forwards are never purged: they are work
 still owed to the RIS or a downstream MPPS SCP.
@@ -14,12 +15,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from broker import metrics
+from broker import cfind_log, metrics
 from broker.domain import ItemStatus
 from broker.models import (
+    CFindExposure,
     InboundMessage,
     MppsForward,
     MPPSItemLink,
@@ -30,6 +32,7 @@ from broker.models import (
     WorklistItem,
     utcnow,
 )
+from broker.operator_actions import record_purged
 from broker.store import Store
 
 log = logging.getLogger(__name__)
@@ -99,11 +102,16 @@ def _sent_forwards(retention: Retention, now: dt.datetime) -> ColumnElement[bool
             & (MppsForward.sent_at < now - dt.timedelta(days=retention.outbox_days)))
 
 
+def _orphan_exposure(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
+    return (~exists().where(WorklistItem.accession_number == CFindExposure.accession_number)
+            & (CFindExposure.last_at < now - dt.timedelta(days=retention.inbound_log_days)))
+
+
 DeleteBatch = Callable[[Session, list[int]], int]
 
 
 def _delete_by_id(model: type[MPPSTracking | Patient | OutboxMessage | InboundMessage
-                              | MppsForward]) -> DeleteBatch:
+                              | MppsForward | CFindExposure]) -> DeleteBatch:
     def delete_rows(session: Session, ids: list[int]) -> int:
         return session.execute(delete(model).where(model.id.in_(ids))).rowcount
     return delete_rows
@@ -157,6 +165,12 @@ def _purge(store: Store, retention: Retention, now: dt.datetime,
             mpps_of_items += session.execute(
                 delete(MPPSTracking).where(MPPSTracking.id.in_(doomed))).rowcount
         session.execute(delete(MPPSItemLink).where(MPPSItemLink.item_fk.in_(ids)))
+        gone = list(session.scalars(select(WorklistItem.accession_number)
+                                    .where(WorklistItem.id.in_(ids))))
+        # Who was given the item goes with it; the purge itself shows in the order's
+        # timeline, next to the HL7 messages the inbound log may still hold.
+        cfind_log.delete_exposures(session, gone)
+        record_purged(session, gone, now)
         return session.execute(delete(WorklistItem).where(WorklistItem.id.in_(ids))).rowcount
 
     item_count = _batched_delete(store, select(WorklistItem.id).where(items), delete_items)
@@ -170,6 +184,10 @@ def _purge(store: Store, retention: Retention, now: dt.datetime,
         _old_inbound(retention, now)), _delete_by_id(InboundMessage))
     forwards = _batched_delete(store, select(MppsForward.id).where(
         _sent_forwards(retention, now)), _delete_by_id(MppsForward))
+    # Exposure of items deleted otherwise (a console delete) or recorded just after their
+    # purge: kept as long as the inbound log, then swept.
+    _batched_delete(store, select(CFindExposure.id).where(_orphan_exposure(retention, now)),
+                    _delete_by_id(CFindExposure))
     result = PurgeResult(item_count, mpps, patients, sent, inbound, forwards)
     log.info("purge done items=%d mpps=%d patients=%d outbox=%d inbound=%d mpps_forwards=%d",
              item_count, mpps, patients, sent, inbound, forwards)

@@ -84,3 +84,45 @@ def test_brokers_starting_together_migrate_one_after_the_other(store):
     finally:
         for other in others:
             other.dispose()
+
+
+CONSOLE_TABLES = ("cfind_exposure", "cfind_query", "operator_action")
+
+
+def test_the_console_revision_adds_its_tables_to_a_0002_database_keeping_rows(store):
+    """Revision 0004_console on its own (not helped by create_all), then again as a no-op."""
+    from alembic import command
+
+    from broker.schema import _alembic_config
+
+    with store.writing() as s:
+        apply_order(s, Order(OrderControl.NEW, PatientData("P1", patient_name="DOE^JANE"),
+                             ProcedureData("ACC1", modality="CT")), uid_root="1.2.3")
+    with store.write_engine.begin() as conn:
+        for table in CONSOLE_TABLES:
+            conn.execute(text(f"DROP TABLE {table}"))
+        conn.execute(text("UPDATE alembic_version SET version_num = '0002_step_keys'"))
+    config = _alembic_config()
+    for _ in range(2):
+        with store.write_engine.begin() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0004_console")
+        with store.write_engine.connect() as conn:
+            inspector = inspect(conn)
+            assert set(CONSOLE_TABLES) <= set(inspector.get_table_names())
+            indexes = {i["name"] for i in inspector.get_indexes("cfind_exposure")}
+            assert "ux_cfind_exposure_ae_accession" in indexes
+        with store.write_engine.begin() as conn:  # the second round starts from 0002 again
+            conn.execute(text("UPDATE alembic_version SET version_num = '0002_step_keys'"))
+    store.create_schema()
+    assert _version(store) == head()
+    with store.reading() as s:
+        rows = s.execute(text("SELECT accession_number FROM worklist_item")).all()
+    assert [tuple(r) for r in rows] == [("ACC1",)]
+    from broker.operator_actions import list_actions, record_action
+
+    with store.writing() as s:
+        record_action(s, user="u", action="replay", accession_number="ACC1", target="t",
+                      detail="d")
+    with store.reading() as s:
+        assert [a.user for a in list_actions(s)] == ["u"]

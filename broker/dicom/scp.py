@@ -8,13 +8,11 @@ reads its matches slowly must not hold a pooled connection while 40 others poll.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import select
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 
 from pydicom import Dataset
 from pynetdicom import AE, Association, _config, evt
@@ -32,19 +30,17 @@ from broker import metrics
 from broker.config import DicomConfig
 from broker.dicom import mpps
 from broker.dicom.charsets import codec_for, recode
+from broker.dicom.query_recorder import QueryRecorder
 from broker.dicom.worklist import query_from_identifier, response_renderer
-from broker.domain import DEFAULT_REPORTING, VISIBLE_STATUSES, ItemStatus, StatusReporting
+from broker.domain import DEFAULT_REPORTING, StatusReporting
 from broker.errors import ConfigError
-from broker.matching import InvalidQuery, WorklistQuery, find_worklist
+from broker.matching import InvalidQuery, find_worklist
+from broker.site_policy import apply_site_policy
 from broker.store import Store
 
 log = logging.getLogger(__name__)
 
 # C-FIND statuses (PS3.4 K.4.1.1.4 table K.4-1, PS3.7 C).
-# Keys that pick out a patient or an order: a query with one of them is no "universal" query.
-_IDENTIFYING_KEYS = ("accession_number", "patient_id", "patient_name", "study_instance_uid",
-                     "requested_procedure_id", "sps_id")
-
 PENDING = 0xFF00
 CANCEL = 0xFE00
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
@@ -150,7 +146,11 @@ class DicomServer:
         self._config = config
         self._store = store
         self._reporting = reporting
-        self._visible = tuple(ItemStatus(status) for status in config.visible_statuses)
+        # Who was given which item, and what each modality asked: written off the C-FIND
+        # path by the recorder's own thread, between start() and stop().
+        self.recorder = (QueryRecorder(store, flush_seconds=config.record_flush_seconds,
+                                       queries_per_ae=config.recent_queries_per_ae)
+                         if config.record_cfind else None)
         for calling_ae, modality in config.modalities.items():
             if modality.character_set is not None:
                 try:
@@ -203,6 +203,8 @@ class DicomServer:
             (self._config.host, self._config.port), block=False,
             evt_handlers=self._handlers())  # type: ignore[arg-type]
         self._bound_port = int(self._server.socket.getsockname()[1])  # type: ignore[union-attr]
+        if self.recorder is not None:
+            self.recorder.start()
         log.info("DICOM SCP %s listening on %s:%d", self._config.ae_title, self._config.host,
                  self.port)
 
@@ -239,6 +241,9 @@ class DicomServer:
                 assoc.kill()
         for assoc in established:
             assoc.join(_JOIN_SECONDS)
+        if self.recorder is not None:
+            # After the associations: what their last C-FINDs gave is written too.
+            self.recorder.stop()
         log.info("DICOM SCP stopped")
 
     # --- C-FIND ---------------------------------------------------------------------
@@ -248,19 +253,22 @@ class DicomServer:
         calling_ae = _calling_ae(event)
         matches = sent = 0
         outcome = "success"
+        identifier: Dataset | None = None
+        given: list[str] = []
         try:
             try:
                 identifier = event.identifier
                 modality = self._config.modalities.get(calling_ae)
                 character_set = modality.character_set if modality is not None else None
-                query = self._site_policy(
+                query = apply_site_policy(
                     query_from_identifier(
                         identifier, max_matches=self._config.max_matches,
                         names_case_sensitive=self._config.names_case_sensitive),
-                    calling_ae)
+                    self._config, calling_ae).query
                 render = response_renderer(identifier)
             except Exception as exc:
                 outcome = "undecodable"
+                identifier = None
                 log.warning("C-FIND from %s: cannot decode the identifier: %s", calling_ae, exc)
                 yield _failure(UNABLE_TO_PROCESS, f"cannot decode the identifier: {exc}")
                 return
@@ -303,29 +311,14 @@ class DicomServer:
                     return
                 yield PENDING, response
                 sent += 1
+                given.append(row.procedure.accession_number)
         finally:
+            if self.recorder is not None and identifier is not None:
+                self.recorder.record(calling_ae, identifier, given)
             elapsed = time.perf_counter() - started
             metrics.observe_cfind(calling_ae, outcome, sent, elapsed)
             log.info("C-FIND calling_ae=%s matches=%d sent=%d outcome=%s ms=%.1f", calling_ae,
                      matches, sent, outcome, elapsed * 1000)
-
-    def _site_policy(self, query: WorklistQuery, calling_ae: str) -> WorklistQuery:
-        """The configured statuses (unless the query asks for some) and the calling
-        modality's scope."""
-        changes: dict[str, object] = {}
-        if query.statuses == VISIBLE_STATUSES:
-            changes["statuses"] = self._visible
-        days = self._config.universal_query_days
-        if days is not None and not query.scheduled_start_date and not any(
-                getattr(query, key) for key in _IDENTIFYING_KEYS):
-            # Some modalities poll with no key at all; a year of history is not their worklist.
-            today, span = dt.date.today(), dt.timedelta(days=days)
-            changes["scheduled_start_date"] = f"{today - span:%Y%m%d}-{today + span:%Y%m%d}"
-        modality = self._config.modalities.get(calling_ae)
-        if modality is not None and modality.only_own_items:
-            changes["scope_station"] = calling_ae
-            changes["scope_modality"] = modality.modality
-        return replace(query, **changes) if changes else query
 
     # --- MPPS -----------------------------------------------------------------------
 

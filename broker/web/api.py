@@ -52,6 +52,32 @@ async def item(accession: str, request: Request) -> dict[str, Any]:
                   f"worklist item {accession!r}")
 
 
+@router.get("/worklist/{accession}/timeline", summary="The order's timeline, oldest first")
+async def timeline(accession: str, request: Request) -> dict[str, Any]:
+    return _found(await _view(views.timeline, console(request).store, accession),
+                  f"order {accession!r}")
+
+
+@router.get("/worklist/{accession}/why-not", summary="Why a modality's recent C-FIND "
+            "queries did (not) return this item, key by key")
+async def why_not(accession: str, request: Request,
+                  calling_ae: str = Query(..., description="the modality's calling AE title"),
+                  ) -> dict[str, Any]:
+    c = console(request)
+    found = _found(await _view(views.why_not, c.store, c.config.dicom, accession, calling_ae),
+                   f"worklist item {accession!r}")
+    return {"accession_number": accession, "calling_ae": calling_ae, "queries": found}
+
+
+@router.get("/calling-aes", summary="Calling AEs whose recent C-FIND identifiers are kept")
+async def calling_aes(request: Request) -> dict[str, Any]:
+    def read() -> list[str]:
+        with console(request).store.reading() as session:
+            return views.recorded_calling_aes(session)
+
+    return {"calling_aes": await _view(read)}
+
+
 @router.get("/messages", summary="Inbound HL7 messages, refused ones first")
 async def messages(request: Request, failed: bool = False,
                    limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:

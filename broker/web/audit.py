@@ -7,17 +7,15 @@ import logging
 
 from sqlalchemy.orm import Session
 
+from broker.operator_actions import record_action
+
 log = logging.getLogger(__name__)
 
 
 def record(session: Session, *, user: str, action: str, accession_number: str | None = None,
-           target: str | None = None, detail: str | None = None) -> None:
+           target: str, detail: str) -> None:
     """Add the action to the caller's transaction (it is kept only if the change commits)."""
     log.info("operator action user=%s action=%s accession=%s target=%s", user, action,
-             accession_number or "", target or "")
-    try:
-        from broker.operator_actions import record_action
-    except ImportError:  # the core's table arrives with console-core; log only until then
-        return
+             accession_number or "", target)
     record_action(session, user=user, action=action, accession_number=accession_number,
                   target=target, detail=detail)

@@ -157,7 +157,8 @@ async def worklist(request: Request) -> Response:
 @router.get("/orders/{accession}")
 async def order(accession: str, request: Request) -> Response:
     c = console(request)
-    data = await _data(views.order, c.store, accession)
+    data = await _data(views.order, c.store, accession, dicom=c.config.dicom,
+                       calling_ae=request.query_params.get("calling_ae") or None)
     if data is None:
         raise HTTPException(404, f"no worklist item with accession number {accession!r}")
     return render(request, "order.html", data, title=f"Order {accession}", section="worklist")

@@ -19,6 +19,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from broker import inbound_log, mpps_forward, outbox
+from broker.config import DicomConfig
+from broker.dicom.why_not import UnknownAccession, explain_recent, recorded_calling_aes
 from broker.dicom.wl_files import item_dataset
 from broker.domain import ItemStatus, WorklistRow
 from broker.matching import InvalidQuery, WorklistQuery, find_worklist
@@ -33,6 +35,7 @@ from broker.models import (
     utcnow,
 )
 from broker.store import Store
+from broker.timeline import order_timeline
 
 ALL_STATUSES = tuple(ItemStatus)
 # The most items one worklist view reads (a busy site's day is a few hundred).
@@ -182,15 +185,60 @@ def mpps_summary(record: MPPSTracking) -> dict[str, Any]:
             "created_at": _when(record.created_at), "updated_at": _when(record.updated_at)}
 
 
-def order(store: Store, accession: str) -> dict[str, Any] | None:
-    """One order: its summary, every DICOM attribute a modality receives, its MPPS."""
+def _link(ref: dict[str, Any]) -> str | None:
+    if ref.get("inbound_message_id") is not None:
+        return f"/messages/{ref['inbound_message_id']}"
+    if ref.get("mpps_sop_instance_uid"):
+        return f"/mpps/{ref['mpps_sop_instance_uid']}"
+    if ref.get("outbox_id") is not None:
+        return "/queues"
+    return None
+
+
+def timeline_events(session: Session, accession: str) -> list[dict[str, Any]]:
+    """The order's timeline (``broker.timeline``), oldest first."""
+    return [{"at": _when(e.at), "kind": e.kind, "title": e.title, "detail": e.detail,
+             "ref": e.ref, "link": _link(e.ref)} for e in order_timeline(session, accession)]
+
+
+def timeline(store: Store, accession: str) -> dict[str, Any] | None:
+    with store.reading() as session:
+        events = timeline_events(session, accession)
+    return {"accession_number": accession, "timeline": events} if events else None
+
+
+def why_not(store: Store, dicom: DicomConfig, accession: str, calling_ae: str,
+            ) -> list[dict[str, Any]] | None:
+    """The calling AE's recent C-FIND identifiers replayed against the item by the matching
+    module itself (``broker.dicom.why_not``); None for an unknown accession."""
+    try:
+        found = explain_recent(store, dicom, accession, calling_ae)
+    except UnknownAccession:
+        return None
+    return [{"at": _when(q.at), "calling_ae": q.calling_ae, "matched": q.matched,
+             "count": q.count, "matches": q.matches,
+             "verdicts": [asdict(v) for v in q.verdicts]} for q in found]
+
+
+def order(store: Store, accession: str, *, dicom: DicomConfig | None = None,
+          calling_ae: str | None = None) -> dict[str, Any] | None:
+    """One order: its summary, every DICOM attribute a modality receives, its MPPS, its
+    timeline, the calling AEs whose queries are kept and, when one is given, why that
+    modality's recent queries did or did not return it."""
     row = find_item(store, accession)
     if row is None:
         return None
     with store.reading() as session:
         mpps = _mpps_of(session, accession)
-    return {"item": item_summary(row), "attributes": dataset_rows(item_dataset(row)),
-            "mpps": mpps}
+        events = timeline_events(session, accession)
+        calling_aes = recorded_calling_aes(session)
+    data: dict[str, Any] = {"item": item_summary(row),
+                            "attributes": dataset_rows(item_dataset(row)), "mpps": mpps,
+                            "timeline": events, "calling_aes": calling_aes,
+                            "why_not_ae": calling_ae or None, "why_not": []}
+    if calling_ae and dicom is not None:
+        data["why_not"] = why_not(store, dicom, accession, calling_ae) or []
+    return data
 
 
 def mpps_list(store: Store, *, limit: int = 100) -> dict[str, Any]:

@@ -165,7 +165,7 @@ def _store_order(c: Console, request: Request, order: Order, action: str,
             apply_order(session, order, uid_root=c.services.uid_root,
                         reporting=c.config.ris.status_messages.reporting())
             audit.record(session, user=request.state.principal.name, action=action,
-                         accession_number=accession, target=f"/worklists/{accession}",
+                         accession_number=accession, target=f"worklist item {accession}",
                          detail=json.dumps({"Tags": request.state.tags}, sort_keys=True)[:4000])
     except BrokerError as exc:
         return _error(400, str(exc))
@@ -208,7 +208,7 @@ def _delete(c: Console, request: Request, worklist_id: str) -> JSONResponse:
                     uid_root=c.services.uid_root,
                     reporting=c.config.ris.status_messages.reporting())
         audit.record(session, user=request.state.principal.name, action="worklist-delete",
-                     accession_number=worklist_id, target=f"/worklists/{worklist_id}",
+                     accession_number=worklist_id, target=f"worklist item {worklist_id}",
                      detail="cancelled (status CANCELLED)")
     return JSONResponse({})
 
