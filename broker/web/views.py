@@ -55,6 +55,15 @@ def _when(moment: dt.datetime | dt.date | None) -> str | None:
     return moment.isoformat()
 
 
+def _stamp(moment: dt.datetime | None) -> str | None:
+    """A time the broker stamped (stored as naive UTC), shown in the server's local time
+    like the scheduled times the RIS sends."""
+    if moment is None:
+        return None
+    local = moment.replace(tzinfo=dt.UTC).astimezone().replace(tzinfo=None)
+    return local.isoformat(sep=" ", timespec="seconds")
+
+
 def _dicom_date(value: str) -> str:
     """``2026-11-29``, ``20261129`` or a range of them (``a..b`` or ``a-b`` in DICOM form)."""
     value = value.strip()
@@ -182,7 +191,7 @@ def mpps_summary(record: MPPSTracking) -> dict[str, Any]:
             "start": _when(record.start_datetime), "end": _when(record.end_datetime),
             "calling_ae_title": record.calling_ae_title,
             "performed_station_ae_title": record.performed_station_ae_title,
-            "created_at": _when(record.created_at), "updated_at": _when(record.updated_at)}
+            "created_at": _stamp(record.created_at), "updated_at": _stamp(record.updated_at)}
 
 
 def _link(ref: dict[str, Any]) -> str | None:
@@ -197,7 +206,7 @@ def _link(ref: dict[str, Any]) -> str | None:
 
 def timeline_events(session: Session, accession: str) -> list[dict[str, Any]]:
     """The order's timeline (``broker.timeline``), oldest first."""
-    return [{"at": _when(e.at), "kind": e.kind, "title": e.title, "detail": e.detail,
+    return [{"at": _stamp(e.at), "kind": e.kind, "title": e.title, "detail": e.detail,
              "ref": e.ref, "link": _link(e.ref)} for e in order_timeline(session, accession)]
 
 
@@ -215,7 +224,7 @@ def why_not(store: Store, dicom: DicomConfig, accession: str, calling_ae: str,
         found = explain_recent(store, dicom, accession, calling_ae)
     except UnknownAccession:
         return None
-    return [{"at": _when(q.at), "calling_ae": q.calling_ae, "matched": q.matched,
+    return [{"at": _stamp(q.at), "calling_ae": q.calling_ae, "matched": q.matched,
              "count": q.count, "matches": q.matches,
              "verdicts": [asdict(v) for v in q.verdicts]} for q in found]
 
@@ -270,7 +279,7 @@ def mpps_one(store: Store, uid: str) -> dict[str, Any] | None:
 # --- inbound messages ------------------------------------------------------------------
 
 def message_summary(m: InboundMessage) -> dict[str, Any]:
-    return {"id": m.id, "received_at": _when(m.received_at), "sender": m.sender,
+    return {"id": m.id, "received_at": _stamp(m.received_at), "sender": m.sender,
             "control_id": m.control_id, "message_type": m.message_type,
             "accession_number": m.accession_number, "outcome": m.outcome,
             "ack_code": m.ack_code, "reason": m.reason}
@@ -332,16 +341,16 @@ def message(store: Store, message_id: int) -> dict[str, Any] | None:
 def _outbox_row(m: OutboxMessage) -> dict[str, Any]:
     return {"id": m.id, "state": m.state, "event": m.event,
             "accession_number": m.accession_number, "control_id": m.message_control_id,
-            "attempts": m.attempts, "created_at": _when(m.created_at),
-            "next_attempt_at": _when(m.next_attempt_at), "sent_at": _when(m.sent_at),
+            "attempts": m.attempts, "created_at": _stamp(m.created_at),
+            "next_attempt_at": _stamp(m.next_attempt_at), "sent_at": _stamp(m.sent_at),
             "last_error": m.last_error}
 
 
 def _forward_row(f: MppsForward) -> dict[str, Any]:
     return {"id": f.id, "state": f.state, "operation": f.operation,
             "destination": f.destination, "sop_instance_uid": f.sop_instance_uid,
-            "attempts": f.attempts, "created_at": _when(f.created_at),
-            "next_attempt_at": _when(f.next_attempt_at), "sent_at": _when(f.sent_at),
+            "attempts": f.attempts, "created_at": _stamp(f.created_at),
+            "next_attempt_at": _stamp(f.next_attempt_at), "sent_at": _stamp(f.sent_at),
             "last_error": f.last_error}
 
 
@@ -388,7 +397,7 @@ def queue_depths(store: Store) -> dict[str, Any]:
                 "states": {s: int(counts.get(s, 0)) for s in (OutboxState.PENDING,
                                                               OutboxState.SENT,
                                                               OutboxState.FAILED)},
-                "oldest_pending_at": _when(oldest),
+                "oldest_pending_at": _stamp(oldest),
                 "oldest_pending_age_seconds": (now - oldest).total_seconds() if oldest else 0.0,
             }
     return out
@@ -413,12 +422,12 @@ def ris_link(store: Store) -> dict[str, Any]:
             .group_by(InboundMessage.sender).order_by(InboundMessage.sender)).all()
     depths = queue_depths(store)["outbox"]
     return {
-        "last_ack_at": _when(last_ack),
+        "last_ack_at": _stamp(last_ack),
         "oldest_pending_at": depths["oldest_pending_at"],
         "oldest_pending_age_seconds": depths["oldest_pending_age_seconds"],
         "pending": depths["states"][OutboxState.PENDING],
         "dead_letters": depths["states"][OutboxState.FAILED],
-        "senders": [{"sender": s or "(unreadable header)", "last_received_at": _when(at),
+        "senders": [{"sender": s or "(unreadable header)", "last_received_at": _stamp(at),
                      "messages": int(n)} for s, at, n in senders],
     }
 
