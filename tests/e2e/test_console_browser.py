@@ -103,7 +103,9 @@ def test_operator_answers_the_support_calls_in_a_browser(tmp_path, browser):
                                       patient_name="FIXME^FRED").replace(
                 "|SPS-1|", "|ACC-FIXED|").encode()).decode()
             assert field_of(refused, "MSA", 1) == "AE"
-        # CT_ROOM2 asks for MR only: the CT order is not on its worklist.
+        # CT_ROOM1 is given the order; CT_ROOM2 asks for MR only: not on its worklist.
+        _findscu(broker.dicom_port, "CT_ROOM1", "(0040,0100)[0].Modality=CT",
+                 "AccessionNumber")
         _findscu(broker.dicom_port, "CT_ROOM2", "(0040,0100)[0].Modality=MR",
                  "AccessionNumber")
         # The exam starts: IN PROGRESS goes to the outbox, the RIS refuses it (AR).
@@ -190,7 +192,23 @@ def test_operator_answers_the_support_calls_in_a_browser(tmp_path, browser):
         wait_for(lambda: any("ACC-BR-1" in m for m in ris.received) and
                  "IP" in ris.received[-1], timeout=20, what="the retried status message")
 
-        # The timeline now holds the operator's actions and the ACKed status message.
+        # The timeline, as JSON too: the HL7 message, the C-FIND that gave it to CT_ROOM1,
+        # the MPPS, the status message ACKed by the RIS after the operator's retry.
+        import httpx
+
+        def timeline_kinds() -> list[dict]:
+            events = httpx.get(f"{broker.url}/api/worklist/ACC-BR-1/timeline",
+                               auth=("olga", "pw-olga")).json()["timeline"]
+            return events if any("ACK" in e["title"] for e in events) else []
+
+        events = wait_for(timeline_kinds, timeout=15, interval=0.3,
+                          what="the ACK in the timeline")
+        kinds = {e["kind"] for e in events}
+        assert {"hl7", "cfind", "mpps", "status_message", "operator"} <= kinds, kinds
+        assert any(e["kind"] == "cfind" and "CT_ROOM1" in e["title"] + e["detail"]
+                   for e in events)
+        assert not any(e["kind"] == "cfind" and "CT_ROOM2" in e["title"] + e["detail"]
+                       for e in events)
         browser.get(f"{broker.url}/orders/ACC-BR-1")
         timeline = browser.find_element(By.CSS_SELECTOR, "ol.timeline").text
         assert "olga" in timeline
