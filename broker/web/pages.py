@@ -65,6 +65,13 @@ async def _form(request: Request) -> dict[str, str]:
     return form
 
 
+def _int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise HTTPException(400, f"{text!r} is not a number") from None
+
+
 def _back(path: str, note: str) -> RedirectResponse:
     sep = "&" if "?" in path else "?"
     return RedirectResponse(f"{path}{sep}{urlencode({'note': note})}", status_code=303)
@@ -140,7 +147,7 @@ async def worklist(request: Request) -> Response:
     kwargs: dict[str, Any] = {
         "date": q.get("date") or None, "modality": q.get("modality") or None,
         "station": q.get("station") or None, "status": q.get("status") or None,
-        "page": int(q.get("page") or 1)}
+        "page": _int(q.get("page"), 1), "page_size": _int(q.get("page_size"), 100)}
     if search:
         for key in ("accession", "patient_id", "patient_name"):
             data = await _data(views.worklist, console(request).store, **kwargs,
