@@ -136,6 +136,8 @@ def test_operator_answers_the_support_calls_in_a_browser(tmp_path, browser):
         box.clear()
         box.send_keys("browser")
         box.submit()
+        wait_for(lambda: "search=browser" in browser.current_url, timeout=10,
+                 what="the search results")
         rows = browser.find_elements(By.CSS_SELECTOR, "table.grid tbody tr")
         assert len(rows) == 1 and "BROWSER, BETTY" in rows[0].text
         shots("worklist-search")
@@ -220,7 +222,8 @@ def test_operator_answers_the_support_calls_in_a_browser(tmp_path, browser):
         browser.find_element(By.ID, "message").send_keys(
             orm(control_id="MT-1", accession="ACC-MT").replace("\r", "\n"))
         browser.find_element(By.CSS_SELECTOR, "form button.primary").click()
-        assert "ACC-MT" in browser.page_source and "OBR-18" in browser.page_source
+        mapped = browser.find_element(By.CSS_SELECTOR, "table.grid").text
+        assert "AccessionNumber ACC-MT OBR-18" in mapped
         shots("mapping")
     finally:
         assert broker.stop() == 0

@@ -71,6 +71,9 @@ def test_order_queues_and_metrics(client, store):
     assert 'worklist_broker_queue_depth{queue="outbox",state="pending"} 1.0' in text
     assert client.get("/orders/A1").status_code == 200
     assert "DOE, JOHN" in client.get("/orders/A1").text
+    # Autoescape: what a RIS or a URL carries is shown, never run.
+    page = client.get("/worklist", params={"search": "<script>alert(1)</script>"}).text
+    assert "<script>alert(1)" not in page and "&lt;script&gt;" in page
 
 
 def test_orthanc_tags_round_trip_and_refusals():
