@@ -23,7 +23,7 @@ from broker.config import DicomConfig
 from broker.dicom.why_not import UnknownAccession, explain_recent, recorded_calling_aes
 from broker.dicom.wl_files import item_dataset
 from broker.domain import ItemStatus, WorklistRow
-from broker.matching import InvalidQuery, WorklistQuery, find_worklist
+from broker.matching import InvalidQuery, WorklistQuery, conditions, find_worklist
 from broker.models import (
     InboundMessage,
     InboundOutcome,
@@ -31,6 +31,7 @@ from broker.models import (
     MPPSTracking,
     OutboxMessage,
     OutboxState,
+    Patient,
     WorklistItem,
     utcnow,
 )
@@ -121,25 +122,37 @@ def worklist(store: Store, *, date: str | None = None, modality: str | None = No
         modality=modality or None, scheduled_station_ae_title=station or None,
         patient_name=_search(patient_name), patient_id=_search(patient_id),
         accession_number=_search(accession), statuses=ALL_STATUSES, limit=VIEW_LIMIT)
+    shown = replace(query, statuses=(ItemStatus(status),) if status else ALL_STATUSES,
+                    limit=min(page * page_size, VIEW_LIMIT))
     try:
         with store.reading() as session:
-            rows = find_worklist(session, query)
+            counts = _status_counts(session, query)
+            rows = find_worklist(session, shown) if shown.limit > (page - 1) * page_size \
+                else []
     except InvalidQuery as exc:
         raise BadRequest(exc.reason) from None
-    counts = Counter(str(row.status) for row in rows)
-    if status:
-        rows = [row for row in rows if row.status == status]
+    total = counts[status] if status else sum(counts.values())
     start = (page - 1) * page_size
     return {
         "filters": {"date": date, "modality": modality, "station": station, "status": status,
                     "patient_name": patient_name, "patient_id": patient_id,
                     "accession": accession},
         "counts": {str(s): counts.get(str(s), 0) for s in ALL_STATUSES},
-        "total": len(rows),
-        "truncated": sum(counts.values()) >= VIEW_LIMIT,
+        "total": total,
+        "truncated": total > VIEW_LIMIT,
         "page": page, "page_size": page_size,
         "items": [item_summary(row) for row in rows[start:start + page_size]],
     }
+
+
+def _status_counts(session: Session, query: WorklistQuery) -> Counter[str]:
+    """Items per status under the query's other filters: the matching module's conditions,
+    counted in SQL rather than by reading every row."""
+    where = conditions(query, session.get_bind().dialect.name)
+    statement = (select(WorklistItem.status, func.count())
+                 .join(Patient, WorklistItem.patient_fk == Patient.id)
+                 .where(*where).group_by(WorklistItem.status))
+    return Counter({str(s): int(n) for s, n in session.execute(statement)})
 
 
 def find_item(store: Store, accession: str) -> WorklistRow | None:
