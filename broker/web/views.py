@@ -303,9 +303,26 @@ def messages(store: Store, *, failed_only: bool = False, limit: int = 100) -> di
     with store.reading() as session:
         failed = [message_summary(m) for m in inbound_log.list_messages(
             session, failed_only=True, limit=limit)]
+        _mark_resolved(session, failed)
         recent = [] if failed_only else [message_summary(m) for m in inbound_log.list_messages(
             session, failed_only=False, limit=limit)]
     return {"failed": failed, "recent": recent}
+
+
+def _mark_resolved(session: Session, failed: list[dict[str, Any]]) -> None:
+    """A refused message later accepted (replayed, or resent by the RIS) names the accepted
+    one: the administrator sees what is still to fix."""
+    ids = {m["control_id"] for m in failed if m["control_id"]}
+    if not ids:
+        return
+    accepted = dict(((sender, control_id), message_id) for sender, control_id, message_id in
+                    session.execute(select(InboundMessage.sender, InboundMessage.control_id,
+                                           InboundMessage.id)
+                                    .where(InboundMessage.control_id.in_(ids),
+                                           InboundMessage.outcome == InboundOutcome.ACCEPTED)))
+    for m in failed:
+        found = accepted.get((m["sender"], m["control_id"]))
+        m["resolved_by"] = found if found is not None and found > m["id"] else None
 
 
 _FIELD_REF = re.compile(r"\b([A-Z][A-Z0-9]{2})-(\d+)")

@@ -226,6 +226,9 @@ def test_failed_message_fixed_in_the_mapping_and_replayed_from_the_api(
             replayed = http.post(f"/api/messages/{entry['id']}/replay")
             assert replayed.status_code == 200, replayed.text
             assert replayed.json()["ack_code"] == "AA"
+            failed = http.get("/api/messages", params={"failed": True}).json()["failed"]
+            again = next(m for m in failed if m["id"] == entry["id"])
+            assert again["resolved_by"] is not None and again["resolved_by"] > entry["id"]
             item = http.get("/api/worklist/ACC-REPLAY")
             assert item.status_code == 200
             assert item.json()["item"]["patient_id"] == "PAT-1"
