@@ -33,6 +33,17 @@ from broker.web.context import Console, console, require
 
 router = APIRouter(tags=["Orthanc-compatible worklists"])
 
+_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["Tags"],
+    "properties": {"Tags": {"type": "object", "description": "DICOM keywords (or "
+                            "'gggg,eeee') -> values; sequences as lists of objects"},
+                   "Force": {"type": "boolean", "description": "skip the Scheduled "
+                             "Procedure Step checks (create)"}}},
+    "example": {"Tags": {"PatientID": "PID-45", "PatientName": "DOE^JANE",
+                         "AccessionNumber": "A1", "ScheduledProcedureStepSequence": [
+                             {"Modality": "US", "ScheduledProcedureStepStartDate": "20261129"}]
+                         }}}}}}
+
 _FORMATS = {"simplify": "human", "human": "human", "short": "short", "full": "full"}
 
 
@@ -172,7 +183,8 @@ def _store_order(c: Console, request: Request, order: Order, action: str,
     return JSONResponse({"ID": accession, "Path": f"/worklists/{accession}"})
 
 
-@router.post("/worklists/create", summary="Create a worklist item from DICOM tags")
+@router.post("/worklists/create", summary="Create a worklist item from DICOM tags",
+             openapi_extra=_BODY)
 async def create(request: Request) -> JSONResponse:
     c = console(request)
     require(request, "operator")
@@ -185,7 +197,8 @@ async def create(request: Request) -> JSONResponse:
     return await _run(_store_order, c, request, order, "worklist-create", must_be_new=True)
 
 
-@router.put("/worklists/{worklist_id}", summary="Replace a worklist item's attributes")
+@router.put("/worklists/{worklist_id}", summary="Replace a worklist item's attributes",
+            openapi_extra=_BODY)
 async def modify(worklist_id: str, request: Request) -> JSONResponse:
     c = console(request)
     require(request, "operator")

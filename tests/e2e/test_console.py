@@ -254,6 +254,9 @@ def test_health_metrics_and_status(broker: BrokerProcess, tmp_path):
     assert "MUSTERMANN" not in text and "PAT-1" not in text
     with httpx.Client(base_url=broker.url, auth=VIEWER) as http:
         status = http.get("/api/status").json()
+        described = http.get("/openapi.json").json()["paths"]
+    assert {"/worklists/create", "/worklists/{worklist_id}", "/api/worklist",
+            "/api/messages/{message_id}/replay", "/api/mapping-test"} <= set(described)
     assert [li["name"] for li in status["listeners"]] == ["dicom", "hl7", "scheduler"]
     assert status["database"]["reachable"] is True
 
