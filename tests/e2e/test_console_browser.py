@@ -211,6 +211,12 @@ def test_operator_answers_the_support_calls_in_a_browser(tmp_path, browser):
                    for e in events)
         assert not any(e["kind"] == "cfind" and "CT_ROOM2" in e["title"] + e["detail"]
                        for e in events)
+        metrics = httpx.get(f"{broker.url}/metrics").text
+        assert ('worklist_broker_mpps_events_total{operation="create",outcome="success",'
+                'status="IN PROGRESS"} 1.0') in metrics
+        assert 'worklist_broker_hl7_messages_total{ack_code="AE",message_type="ORM^O01"}' in (
+            metrics)
+        assert 'worklist_broker_cfind_matches_total{calling_ae="CT_ROOM1"}' in metrics
         browser.get(f"{broker.url}/orders/ACC-BR-1")
         timeline = browser.find_element(By.CSS_SELECTOR, "ol.timeline").text
         assert "olga" in timeline
