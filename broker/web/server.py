@@ -42,6 +42,10 @@ class WebServer:
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Inherited by accepted connections (Linux): a response's head and body leave at
+        # once, instead of the body waiting ~40 ms for the client's delayed ACK (measured:
+        # every small page and /metrics took 44 ms over a keep-alive connection).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((self._host, self._port))
         except OSError:
