@@ -18,7 +18,7 @@ import binascii
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -64,6 +64,15 @@ def _basic(request: Request) -> tuple[str, str] | None:
     return (name, password) if sep else None
 
 
+def _cross_site(request: Request) -> bool:
+    """A browser names the page's origin on every cross-origin POST/PUT/DELETE; scripts
+    (curl, httpx) send none."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return request.headers.get("sec-fetch-site") == "cross-site"
+    return urlsplit(origin).netloc != request.headers.get("host", "")
+
+
 def _unauthorized(message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=401,
                         headers={"WWW-Authenticate": 'Basic realm="worklist-broker"'})
@@ -78,6 +87,10 @@ class AuthMiddleware(BaseHTTPMiddleware):
     async def dispatch(self, request: Request,
                        call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         path = request.url.path
+        if request.method not in ("GET", "HEAD", "OPTIONS") and _cross_site(request):
+            # Another site's page posting to this console (the open console on loopback
+            # has no password to stop it): refused whatever the credentials.
+            return JSONResponse({"error": "cross-site request refused"}, status_code=403)
         session: Session | None = self.guard.session(request.cookies.get(COOKIE))
         request.state.session = session
         request.state.principal = session.principal if session else None

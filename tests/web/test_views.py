@@ -93,3 +93,12 @@ def test_orthanc_tags_round_trip_and_refusals():
                           ({"zz,01": "x"}, "not a DICOM tag")):
         with pytest.raises(TagsError, match=problem):
             dataset_from_tags(tags)
+
+
+def test_cross_site_posts_are_refused_even_on_the_open_console(client):
+    hostile = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+    assert client.post("/api/queues/outbox/1/drop", headers=hostile).status_code == 403
+    assert client.post("/worklists/create", headers=hostile,
+                       content=b'{"Tags": {}}').status_code == 403
+    same = {"Origin": "http://testserver"}
+    assert client.post("/api/queues/outbox/999/drop", headers=same).status_code == 409
