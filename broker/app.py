@@ -16,6 +16,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.engine import make_url
 
+from broker import metrics
 from broker.config import BrokerConfig
 from broker.dicom.mpps_forwarder import MppsForwarder
 from broker.dicom.scp import DicomServer
@@ -24,9 +25,15 @@ from broker.orthanc.config_file import apply_orthanc_config
 from broker.orthanc.follower import OrthancFollower
 from broker.purge import purge
 from broker.store import Store
+from broker.web.app import create_app
+from broker.web.security import is_loopback
+from broker.web.server import WebServer
+from broker.web.services import ConsoleServices, Listener
 from hl7_listener.handler import handler_from_config
 from hl7_listener.mapping import load_mapping
+from hl7_listener.mapping_report import mapping_report
 from hl7_listener.outbound import OutboundSender
+from hl7_listener.replay import replay
 from hl7_listener.samples import load_samples
 from hl7_listener.server import MllpServer
 from hl7_listener.status_message import parse_ack
@@ -80,6 +87,30 @@ class Broker:
                         if config.orthanc.url else None)
         self.scheduler = BackgroundScheduler()
         self._purge_lock = threading.Lock()
+        self.web = self._web(config) if config.web.enabled else None
+
+    def _web(self, config: BrokerConfig) -> WebServer:
+        web = config.web
+        if not web.users and not is_loopback(web.host):
+            raise ConfigError(f"web.users: serving the console on {web.host} (not a loopback "
+                              "address) needs at least one user (worklist-broker "
+                              "hash-password), or web.host: 127.0.0.1")
+        services = ConsoleServices(
+            replay=lambda message_id: replay(self.store, self.handler, message_id),
+            mapping_report=lambda raw: mapping_report(self.handler.mapping, raw),
+            listeners=[
+                Listener("dicom", f"{config.dicom.host}:{self.dicom.port} "
+                         f"(AE {config.dicom.ae_title})", lambda: self.dicom.running),
+                Listener("hl7", f"{config.hl7.host}:{self.mllp.port}",
+                         lambda: self.mllp.running),
+                Listener("scheduler", "outbound, purge and mapping jobs",
+                         lambda: self.scheduler.running),
+            ],
+            open_associations=self.dicom.open_associations,
+            uid_root=config.uid_root)
+        metrics.ASSOCIATIONS_OPEN.set_function(self.dicom.open_associations)
+        return WebServer(create_app(self.store, config, services), host=web.host,
+                         port=web.port)
 
     def load_samples(self, directory: Path, today: dt.date | None = None) -> int:
         """Send the sample orders through the same path as orders from the RIS; returns how
@@ -124,6 +155,13 @@ class Broker:
         except Exception:
             self.dicom.stop()
             raise
+        if self.web is not None:
+            try:
+                self.web.start()
+            except Exception:
+                self.mllp.stop()
+                self.dicom.stop()
+                raise
         jobs = self.config.jobs
         if self.config.ris.enabled:
             self.scheduler.add_job(
@@ -147,18 +185,21 @@ class Broker:
                                max_instances=1, coalesce=True)
         self.scheduler.start()
         log.info("broker started: DICOM %s on %s:%d, HL7 on %s:%d, RIS outbound %s, "
-                 "MPPS forwarded to %s, Orthanc change feed %s",
+                 "MPPS forwarded to %s, Orthanc change feed %s, console %s",
                  self.config.dicom.ae_title, self.config.dicom.host, self.dicom.port,
                  self.config.hl7.host, self.mllp.port,
                  f"to {self.config.ris.host}:{self.config.ris.port}"
                  if self.config.ris.enabled else "disabled",
                  ", ".join(d.key for d in self.config.dicom.mpps_forward) or "none",
                  f"of {self.orthanc.source} (on_study {self.config.orthanc.on_study})"
-                 if self.orthanc else "not followed")
+                 if self.orthanc else "not followed",
+                 f"http://{self.config.web.host}:{self.web.port}/" if self.web else "off")
 
     def stop(self) -> None:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        if self.web is not None:
+            self.web.stop()
         self.mllp.stop()
         self.dicom.stop()
         self.outbound.close()

@@ -222,15 +222,14 @@ def _messages(args: argparse.Namespace) -> int:
             return 0
         # Replay: the stored bytes go through the current mapping, as if just received.
         from hl7_listener.handler import handler_from_config
-        from hl7_listener.status_message import parse_ack
+        from hl7_listener.replay import replay
 
-        handler = handler_from_config(store, config)
-        reply = handler.handle(raw)
-        if reply is None:
+        result = replay(store, handler_from_config(store, config), args.id)
+        if result.reply is None:
             print("processed; the message asks for no acknowledgement (MSH-15)")
             return 0
-        print(_printable(reply))
-        return 0 if parse_ack(reply).code in ("AA", "CA") else EXIT_FAILURE
+        print(_printable(result.reply))
+        return 0 if result.accepted else EXIT_FAILURE
 
 
 def _printable(message: bytes) -> str:
@@ -306,39 +305,43 @@ def _import_db(args: argparse.Namespace) -> int:
 
 
 def _mapping_test(args: argparse.Namespace) -> int:
-    import datetime as dt
-
     from hl7_listener.mapping import load_mapping
-    from hl7_listener.message import parse
-    from hl7_listener.samples import render_sample
+    from hl7_listener.mapping_report import mapping_report, prepare
 
     mapping = load_mapping(Path(args.mapping))
     try:
         text = Path(args.file).read_bytes()
     except OSError as exc:
         raise CommandError(f"cannot read {args.file}: {exc.strerror}") from None
-    raw = render_sample(text.decode("utf-8", errors="surrogateescape"), dt.date.today()
-                        ).encode("utf-8", errors="surrogateescape")
-    message = parse(raw)
-    if message.message_type == "ADT":
-        patient = mapping.to_patient(message)
-        print(f"ADT^{message.trigger_event}: patient {patient}")
+    report = mapping_report(mapping, prepare(text))
+    if report.patient is not None:
+        print(f"{report.message_type}: patient {report.patient}")
         return 0
-    for number, (order, rows) in enumerate(mapping.describe(message), start=1):
-        print(f"item {number}: ORC-1 {order.control}"
-              + (f", ORC-5 {order.order_status}" if order.order_status else ""))
-        width = max(len(keyword) for keyword, _, _ in rows)
-        for keyword, value, source in rows:
-            print(f"  {keyword:<{width}}  {value or '(empty)':<30}  <- {source}")
-        # The warnings the ACK would carry first, then every other empty attribute.
-        warnings = mapping.warnings(message, [order])
-        warnings += [f"{keyword} is empty ({source})" for keyword, value, source in rows
-                     if not value and keyword != "StudyInstanceUID"
-                     and not (warnings and "ScheduledProcedureStepStart" in keyword)]
-        if not order.procedure.study_instance_uid:
-            warnings.append("StudyInstanceUID: none sent; one is generated under uid_root")
-        for warning in warnings:
+    for number, item in enumerate(report.items, start=1):
+        print(f"item {number}: ORC-1 {item.order_control}"
+              + (f", ORC-5 {item.order_status}" if item.order_status else ""))
+        width = max(len(row.keyword) for row in item.attributes)
+        for row in item.attributes:
+            print(f"  {row.keyword:<{width}}  {row.value or '(empty)':<30}  <- {row.source}")
+        for warning in item.warnings:
             print(f"  warning: {warning}")
+    return 0
+
+
+def _hash_password(_args: argparse.Namespace) -> int:
+    import getpass
+
+    from broker.web.security import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CommandError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise CommandError("empty password")
+    print(hash_password(password))
     return 0
 
 
@@ -535,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--mapping", default="config/mapping.yaml",
                       help="mapping file (default: config/mapping.yaml)")
     test.set_defaults(func=_mapping_test)
+
+    hashing = commands.add_parser(
+        "hash-password", help="read a password (standard input, or a prompt on a terminal) "
+        "and print its hash for web.users")
+    hashing.set_defaults(func=_hash_password)
 
     send = commands.add_parser("send", help="send an HL7 file over MLLP and print the ACK")
     send.add_argument("file", help="HL7 message file ({TODAY}-style placeholders are filled)")

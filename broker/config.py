@@ -299,6 +299,45 @@ class OrthancConfig(_Section):
         return None if value == "" else value
 
 
+WebRole = Literal["viewer", "operator", "admin"]
+
+
+class WebUser(_Section):
+    """One console user; ``password_hash`` is what ``worklist-broker hash-password`` prints."""
+
+    name: str = Field(min_length=1, max_length=64)
+    password_hash: str = Field(min_length=1)
+    role: WebRole = "viewer"
+
+
+class WebConfig(_Section):
+    """The operator console: web pages, REST API, /health and /metrics."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8044, ge=0, le=65535)
+    # Empty: the console is open, and only allowed on a loopback host.
+    users: list[WebUser] = Field(default_factory=list)
+    # Hours a login stays valid without use.
+    session_hours: float = Field(12, gt=0)
+    # Seconds between refreshes of the worklist page (0: never).
+    refresh_seconds: int = Field(30, ge=0)
+    # Failed logins per user name and client address before each further try waits
+    # (doubling up to 30 s).
+    login_failures_before_delay: int = Field(3, ge=1)
+    # Send the session cookie only over HTTPS (set when a TLS proxy is in front).
+    secure_cookie: bool = False
+
+    @field_validator("users")
+    @classmethod
+    def _distinct_users(cls, value: list[WebUser]) -> list[WebUser]:
+        names = [user.name for user in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"user listed twice: {', '.join(repeated)}")
+        return value
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -310,6 +349,7 @@ class BrokerConfig(_Section):
     ris: RisConfig = RisConfig()
     jobs: JobsConfig = JobsConfig()
     orthanc: OrthancConfig = OrthancConfig()
+    web: WebConfig = WebConfig()
     logging: LoggingConfig = LoggingConfig()
     mapping: Path = Path("mapping.yaml")
     # Root under which Study Instance UIDs (and MPPS-less status message ids) are generated

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from broker import cfind_log
+from broker import cfind_log, metrics
 from broker.domain import ItemStatus
 from broker.models import (
     CFindExposure,
@@ -155,7 +155,12 @@ def purge(store: Store, *, retention: Retention, now: dt.datetime | None = None,
         if not mine:
             log.info("purge skipped: another broker (or purge command) is purging")
             return PurgeResult(skipped=True)
-        return _purge(store, retention, now, items)
+        result = _purge(store, retention, now, items)
+    metrics.PURGE_RUNS.inc()
+    for kind in ("worklist_items", "mpps", "patients", "outbox", "inbound_messages",
+                 "mpps_forwards"):
+        metrics.PURGE_ROWS.labels(kind).inc(getattr(result, kind))
+    return result
 
 
 def _purge(store: Store, retention: Retention, now: dt.datetime,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from broker import inbound_log
+from broker import inbound_log, metrics
 from broker.config import BrokerConfig
 from broker.domain import DEFAULT_REPORTING, PatientMerge, StatusReporting
 from broker.errors import InvalidOrder, UnsupportedMessage
@@ -113,6 +113,7 @@ class OrderMessageHandler:
         if header is not None:
             return self._refuse(header, raw, "AR", reason, ErrorDetail(code))
         log.warning("message rejected before parsing: %s", reason)
+        metrics.observe_hl7("", "AR")
         ack = self._ack(None, "AR", reason, ErrorDetail(code))
         self._keep_rejection(None, raw, "AR", reason, ack)
         return ack
@@ -294,6 +295,7 @@ class OrderMessageHandler:
     @staticmethod
     def _log(msg: ParsedMessage, code: str, detail: str, warnings: list[str] | None = None,
              ) -> None:
+        metrics.observe_hl7(f"{msg.message_type}^{msg.trigger_event}", code)
         level = logging.INFO if code == "AA" and not warnings else logging.WARNING
         detail = "; ".join([detail, *(f"warning: {w}" for w in warnings or ())])
         log.log(level, "msh10=%s type=%s^%s from=%s %s: %s", msg.control_id,

@@ -12,8 +12,10 @@ import concurrent.futures
 import logging
 import socket
 import threading
+import time
 from typing import Protocol
 
+from broker import metrics
 from hl7_listener.mllp import FrameTooLarge, FramingError, frame, read_frame
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,12 @@ class MllpServer:
         if self._server is None or not self._server.sockets:
             return self._port
         return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def running(self) -> bool:
+        """Listening now (for /health)."""
+        server = self._server
+        return server is not None and server.is_serving()
 
     def start(self) -> None:
         """Listen, in a thread of its own; returns once listening, or raises OSError."""
@@ -162,7 +170,9 @@ class MllpServer:
                 return
             if payload is None:
                 return
+            received = time.perf_counter()
             ack = await loop.run_in_executor(self._executor, self._handler.handle, payload)
+            metrics.HL7_ACK_SECONDS.observe(time.perf_counter() - received)
             if ack is not None:  # None: enhanced mode and the sender asked for no ACK
                 writer.write(frame(ack))
                 await writer.drain()

@@ -78,7 +78,7 @@ def test_import_db_then_findscu_sees_the_old_worklist(tmp_path):
     build_old_database(old)
     broker_dir = tmp_path / "broker"
     broker_dir.mkdir()
-    config_path, _, _ = write_config(broker_dir)
+    config_path, *_ = write_config(broker_dir)
 
     dry = run_cli("import-db", str(old), "--dry-run", "--config", str(config_path))
     assert dry.returncode == 0, dry.stderr
@@ -173,7 +173,7 @@ def test_a_file_that_is_not_such_a_database_is_refused_with_exit_2(tmp_path, sch
         conn = sqlite3.connect(old)
         conn.executescript(schema)
         conn.close()
-    config_path, _, _ = write_config(tmp_path)
+    config_path, *_ = write_config(tmp_path)
     # In-process (the subprocess path is the test above): the command's exit status and lines.
     assert main(["import-db", str(old), "--config", str(config_path)]) == 2
     err = capsys.readouterr().err

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
+from broker import metrics
 from broker.config import DicomConfig
 from broker.dicom import mpps
 from broker.dicom.charsets import codec_for, recode
@@ -87,6 +88,10 @@ def _on_conn_open(event: Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if _TCP_QUICKACK is not None and type(sock) is socket.socket:
             sock.__class__ = _QuickAckSocket
+
+
+def _on_rejected(_event: Event) -> None:
+    metrics.ASSOCIATIONS_REFUSED.inc()
 
 
 def _on_echo(event: Event) -> int:
@@ -182,6 +187,7 @@ class DicomServer:
     def _handlers(self) -> list[tuple[evt.EventType, object]]:
         return [
             (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_REJECTED, _on_rejected),
             (evt.EVT_C_ECHO, _on_echo),
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_N_CREATE, self._on_n_create),
@@ -201,6 +207,15 @@ class DicomServer:
             self.recorder.start()
         log.info("DICOM SCP %s listening on %s:%d", self._config.ae_title, self._config.host,
                  self.port)
+
+    @property
+    def running(self) -> bool:
+        """Listening now (for /health)."""
+        return self._server is not None
+
+    def open_associations(self) -> int:
+        """Associations established now (for /metrics and the status page)."""
+        return sum(1 for assoc in list(self._ae.active_associations) if assoc.is_established)
 
     @property
     def port(self) -> int:
@@ -300,8 +315,10 @@ class DicomServer:
         finally:
             if self.recorder is not None and identifier is not None:
                 self.recorder.record(calling_ae, identifier, given)
+            elapsed = time.perf_counter() - started
+            metrics.observe_cfind(calling_ae, outcome, sent, elapsed)
             log.info("C-FIND calling_ae=%s matches=%d sent=%d outcome=%s ms=%.1f", calling_ae,
-                     matches, sent, outcome, (time.perf_counter() - started) * 1000)
+                     matches, sent, outcome, elapsed * 1000)
 
     # --- MPPS -----------------------------------------------------------------------
 
@@ -311,11 +328,13 @@ class DicomServer:
         except Exception as exc:
             return mpps.failure(mpps.INVALID_ATTRIBUTE_VALUE,
                                 f"cannot decode the attribute list: {exc}"), None
-        return mpps.handle_create(self._store, attribute_list,
-                                  sop_instance_uid=event.request.AffectedSOPInstanceUID,
-                                  calling_ae_title=_calling_ae(event),
-                                  reporting=self._reporting,
-                                  forward_to=self._config.mpps_forward)
+        response = mpps.handle_create(self._store, attribute_list,
+                                      sop_instance_uid=event.request.AffectedSOPInstanceUID,
+                                      calling_ae_title=_calling_ae(event),
+                                      reporting=self._reporting,
+                                      forward_to=self._config.mpps_forward)
+        _count_mpps("create", attribute_list, response)
+        return response
 
     def _on_n_set(self, event: Event) -> mpps.Response:
         try:
@@ -323,16 +342,28 @@ class DicomServer:
         except Exception as exc:
             return mpps.failure(mpps.INVALID_ATTRIBUTE_VALUE,
                                 f"cannot decode the modification list: {exc}"), None
-        return mpps.handle_set(self._store, modification_list,
-                               sop_instance_uid=event.request.RequestedSOPInstanceUID,
-                               calling_ae_title=_calling_ae(event),
-                               reporting=self._reporting,
-                               forward_to=self._config.mpps_forward)
+        response = mpps.handle_set(self._store, modification_list,
+                                   sop_instance_uid=event.request.RequestedSOPInstanceUID,
+                                   calling_ae_title=_calling_ae(event),
+                                   reporting=self._reporting,
+                                   forward_to=self._config.mpps_forward)
+        _count_mpps("set", modification_list, response)
+        return response
 
     def _on_n_get(self, event: Event) -> mpps.Response:
         return mpps.handle_get(self._store, event.attribute_identifiers,
                                sop_instance_uid=event.request.RequestedSOPInstanceUID,
                                calling_ae_title=_calling_ae(event))
+
+
+def _count_mpps(operation: str, request: Dataset, response: mpps.Response) -> None:
+    status = response[0]
+    code = status if isinstance(status, int) else int(getattr(status, "Status", 0xC000))
+    try:
+        asked = str(request.get("PerformedProcedureStepStatus", "") or "").strip().upper()
+    except Exception:
+        asked = "other"
+    metrics.observe_mpps(operation, asked or None, code == 0)
 
 
 def _failure(status: int, comment: str) -> FindResponse:

@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
 
-from broker.domain import Order, OrderControl, PatientData, ProcedureData
+from broker.domain import Order, OrderControl, PatientData, ProcedureData, WorklistRow
 from broker.errors import BrokerError
 from broker.matching import WorklistQuery, find_worklist
 from broker.orders import apply_order
@@ -154,16 +154,21 @@ def _full_identifier() -> Dataset:
     return identifier
 
 
-def export_worklist(store: Store, directory: Path) -> int:
-    """Write every visible worklist item as ``<accession>.wl``; returns how many."""
+def item_dataset(row: WorklistRow) -> Dataset:
+    """Every attribute of one item, as a modality asking for all of them receives it (the
+    C-FIND renderer), for export and the console."""
     from broker.dicom.worklist import render_response
 
+    return render_response(_full_identifier(), row)
+
+
+def export_worklist(store: Store, directory: Path) -> int:
+    """Write every visible worklist item as ``<accession>.wl``; returns how many."""
     directory.mkdir(parents=True, exist_ok=True)
     with store.reading() as session:
         rows = find_worklist(session, WorklistQuery(limit=10_000_000))
-    identifier = _full_identifier()
     for row in rows:
-        ds = render_response(identifier, row)
+        ds = item_dataset(row)
         if not ds.get("RequestedProcedureCodeSequence"):
             # An empty Type 1C sequence makes wlmscpfs ignore the whole file as incomplete.
             del ds.RequestedProcedureCodeSequence

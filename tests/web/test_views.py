@@ -1,0 +1,104 @@
+"""The console's views on both databases (grouping, min() and the matching code run as SQL),
+through the app in process: each page's JSON twin is the API's answer."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from fastapi.testclient import TestClient
+
+from broker import outbox
+from broker.config import BrokerConfig
+from broker.domain import Order, OrderControl, PatientData, ProcedureData, StatusEvent
+from broker.orders import apply_order
+from broker.web import views
+from broker.web.app import create_app
+from broker.web.services import ConsoleServices
+from broker.web.worklists_api import TagsError, dataset_from_tags, tags_from_dataset
+
+TODAY = dt.date.today()
+
+
+def _order(accession: str, name: str, modality: str, day: dt.date = TODAY) -> Order:
+    return Order(OrderControl.NEW, PatientData(f"PID-{accession}", patient_name=name),
+                 ProcedureData(accession, modality=modality,
+                               scheduled_start=dt.datetime.combine(day, dt.time(9, 30))))
+
+
+@pytest.fixture
+def client(store):
+    with store.writing() as session:
+        for accession, name, modality in (("A1", "DOE^JOHN", "CT"), ("A2", "ROE^JANE", "MR")):
+            apply_order(session, _order(accession, name, modality), uid_root="1.2.3")
+        apply_order(session, _order("OLD", "DOE^JOHN", "CT", TODAY - dt.timedelta(days=3)),
+                    uid_root="1.2.3")
+        apply_order(session, Order(OrderControl.CANCEL, PatientData("PID-A2"),
+                                   ProcedureData("A2")), uid_root="1.2.3")
+        outbox.enqueue(session, StatusEvent(order_status="IP", accession_number="A1"))
+    app = create_app(store, BrokerConfig(), ConsoleServices(replay=None, mapping_report=None))
+    return TestClient(app)
+
+
+def test_worklist_today_with_counts_and_search(client, store):
+    today = views.worklist(store)
+    assert [i["accession_number"] for i in today["items"]] == ["A1", "A2"]
+    assert today["counts"]["SCHEDULED"] == 1 and today["counts"]["CANCELLED"] == 1
+    found = views.worklist(store, patient_name="doe")  # no date: every day
+    assert sorted(i["accession_number"] for i in found["items"]) == ["A1", "OLD"]
+    scheduled = views.worklist(store, status="SCHEDULED", modality="CT")
+    assert [i["accession_number"] for i in scheduled["items"]] == ["A1"]
+    with pytest.raises(views.BadRequest, match="status"):
+        views.worklist(store, status="DONE")
+    with pytest.raises(views.BadRequest):
+        views.worklist(store, date="2026-13-45")
+    # One view, two faces: the page's JSON twin is the API's answer.
+    api = client.get("/api/worklist").json()
+    page = client.get("/worklist?format=json").json()
+    assert {k: v for k, v in page.items() if k not in ("search", "today")} == api
+    assert client.get("/worklist?status=DONE&format=json").status_code == 400
+
+
+def test_order_queues_and_metrics(client, store):
+    order = views.order(store, "A1")
+    keywords = {row["keyword"] for row in order["attributes"]}
+    assert {"AccessionNumber", "PatientName", "ScheduledProcedureStepSequence"} <= keywords
+    assert views.order(store, "NOPE") is None
+    depths = views.queue_depths(store)
+    assert depths["outbox"]["states"] == {"pending": 1, "sent": 0, "failed": 0}
+    assert depths["outbox"]["oldest_pending_age_seconds"] >= 0
+    text = client.get("/metrics").text
+    assert 'worklist_broker_queue_depth{queue="outbox",state="pending"} 1.0' in text
+    assert client.get("/orders/A1").status_code == 200
+    assert "DOE, JOHN" in client.get("/orders/A1").text
+    # Autoescape: what a RIS or a URL carries is shown, never run.
+    page = client.get("/worklist", params={"search": "<script>alert(1)</script>"}).text
+    assert "<script>alert(1)" not in page and "&lt;script&gt;" in page
+
+
+def test_orthanc_tags_round_trip_and_refusals():
+    ds = dataset_from_tags({"PatientName": "DOE^JANE", "0010,0020": "P1",
+                            "ScheduledProcedureStepSequence": [{"Modality": "US"}]})
+    assert tags_from_dataset(ds, "human") == {
+        "PatientName": "DOE^JANE", "PatientID": "P1",
+        "ScheduledProcedureStepSequence": [{"Modality": "US"}]}
+    assert tags_from_dataset(ds, "short")["0010,0010"] == "DOE^JANE"
+    assert tags_from_dataset(ds, "full")["0010,0010"] == {"Name": "PatientName",
+                                                          "Type": "String",
+                                                          "Value": "DOE^JANE"}
+    for tags, problem in (({"PatientNme": "X"}, "unknown DICOM keyword"),
+                          ({"ScheduledProcedureStepSequence": {"Modality": "US"}},
+                           "list of objects"),
+                          ({"PatientName": {"a": 1}}, "expected a string"),
+                          ({"zz,01": "x"}, "not a DICOM tag")):
+        with pytest.raises(TagsError, match=problem):
+            dataset_from_tags(tags)
+
+
+def test_cross_site_posts_are_refused_even_on_the_open_console(client):
+    hostile = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+    assert client.post("/api/queues/outbox/1/drop", headers=hostile).status_code == 403
+    assert client.post("/worklists/create", headers=hostile,
+                       content=b'{"Tags": {}}').status_code == 403
+    same = {"Origin": "http://testserver"}
+    assert client.post("/api/queues/outbox/999/drop", headers=same).status_code == 409
