@@ -183,6 +183,49 @@ def match_uid_list(column: Column, value: str | None) -> Condition | None:
     return column == uids[0] if len(uids) == 1 else column.in_(uids)
 
 
+def _value_regex(value: str, *, wildcards: bool) -> str:
+    """One key value as a regular expression over one of the ``\\``-separated values of a
+    stored multi-valued attribute."""
+    out = []
+    for ch in value:
+        if wildcards and ch == "*":
+            out.append(r"[^\\]*")
+        elif wildcards and ch == "?":
+            out.append(r"[^\\]")
+        elif ch in _REGEX_SPECIAL:
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def match_multi_valued(column: Column, value: str | None, *, dialect: str,
+                       wildcards: bool = True) -> Condition | None:
+    """A key on an attribute the broker stores with all its values joined by ``\\``
+    (Scheduled Station AE Title, VM 1-n): it matches if any stored value matches any value
+    of the key, as a single-valued attribute would (single value or wild card, case-
+    sensitive); ``wildcards=False`` compares literally (a site policy's own AE title).
+
+    Most items hold one value: the plain comparison comes first and uses the index; only an
+    item holding several values is searched value by value.
+    """
+    if value is None:
+        return None
+    if wildcards:
+        single = match_text(column, value, dialect=dialect)
+        if single is None:
+            return None  # universal
+    else:
+        single = column == value
+    parts = [part for part in value.split("\\") if part]
+    if not parts:
+        return single
+    alternatives = "|".join(_value_regex(part, wildcards=wildcards) for part in parts)
+    several = column.contains("\\", autoescape=True)
+    return or_(single, several & _regex(column, rf"(^|\\)({alternatives})(\\|$)",
+                                        dialect=dialect, case_insensitive=False))
+
+
 # --- person names -----------------------------------------------------------------------
 
 # What must be escaped to stay literal in both Python's and PostgreSQL's regular expressions.
@@ -438,6 +481,7 @@ _COLUMNS = (
     WorklistItem.scheduled_performing_physician_name,
     WorklistItem.scheduled_station_name,
     WorklistItem.requested_procedure_priority,
+    WorklistItem.item_dataset,
 )
 
 
@@ -456,7 +500,6 @@ def conditions(query: WorklistQuery, dialect: str) -> list[Condition]:
         (WorklistItem.requested_procedure_code_scheme, query.requested_procedure_code_scheme),
         (WorklistItem.requested_procedure_code_meaning, query.requested_procedure_code_meaning),
         (WorklistItem.modality, query.modality),
-        (WorklistItem.scheduled_station_ae_title, query.scheduled_station_ae_title),
         (WorklistItem.sps_id, query.sps_id),
         (WorklistItem.sps_description, query.sps_description),
         (WorklistItem.scheduled_station_name, query.scheduled_station_name),
@@ -479,12 +522,19 @@ def conditions(query: WorklistQuery, dialect: str) -> list[Condition]:
                                       case_insensitive=not query.names_case_sensitive)
         if condition is not None:
             found.append(condition)
+    station = match_multi_valued(WorklistItem.scheduled_station_ae_title,
+                                 query.scheduled_station_ae_title, dialect=dialect)
+    if station is not None:
+        found.append(station)
     found.extend(match_date(Patient.birth_date, query.patient_birth_date))
     uid = match_uid_list(WorklistItem.study_instance_uid, query.study_instance_uid)
     if uid is not None:
         found.append(uid)
     if query.scope_station is not None:
-        own: Condition = WorklistItem.scheduled_station_ae_title == query.scope_station
+        # A step schedulable on several stations belongs to each of them.
+        own = match_multi_valued(WorklistItem.scheduled_station_ae_title, query.scope_station,
+                                 dialect=dialect, wildcards=False)
+        assert own is not None  # a calling AE title is never empty
         if query.scope_modality is not None:
             own = or_(own, (WorklistItem.scheduled_station_ae_title.is_(None)
                             & (WorklistItem.modality == query.scope_modality)))
@@ -530,6 +580,7 @@ def _row(values: Any) -> WorklistRow:
             scheduled_performing_physician_name=values.scheduled_performing_physician_name,
             scheduled_station_name=values.scheduled_station_name,
             requested_procedure_priority=values.requested_procedure_priority,
+            item_dataset=values.item_dataset,
         ),
         status=ItemStatus(values.status),
     )

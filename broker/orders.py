@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
+from typing import Any
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
@@ -67,13 +69,39 @@ def _upsert_patient(session: Session, data: PatientData) -> Patient:
     return patient
 
 
+# DICOM JSON keys (PS3.18 F.2) of the sequences whose single item an order adds to rather than
+# replaces: the Scheduled Procedure Step Sequence (one item per worklist item, K.6-1).
+_MERGED_ITEMS = frozenset({"00400100"})
+
+
+def merge_datasets(stored: str | None, given: str | None) -> str | None:
+    """The item's attributes after an order: the order's attributes win, attribute by
+    attribute (the step's item attribute by attribute too), and those it does not carry
+    are kept, as for the columns. Plain DICOM JSON: the core reads no DICOM."""
+    if given is None:
+        return stored
+    if stored is None:
+        return given
+    old: dict[str, Any] = json.loads(stored)
+    new: dict[str, Any] = json.loads(given)
+    for tag, element in new.items():
+        previous = old.get(tag)
+        if (tag in _MERGED_ITEMS and previous and previous.get("Value")
+                and element.get("Value") and len(element["Value"]) == 1):
+            element = {**element,
+                       "Value": [{**previous["Value"][0], **element["Value"][0]}]}
+        old[tag] = element
+    return json.dumps(dict(sorted(old.items())), ensure_ascii=False, separators=(",", ":"))
+
+
 def _fill_item(item: WorklistItem, data: ProcedureData) -> None:
     for name in ProcedureData.__slots__:
-        if name in ("accession_number", "study_instance_uid"):
+        if name in ("accession_number", "study_instance_uid", "item_dataset"):
             continue
         value = getattr(data, name)
         if value is not None:
             setattr(item, name, value)
+    item.item_dataset = merge_datasets(item.item_dataset, data.item_dataset)
 
 
 def _find_item(session: Session, accession: str) -> WorklistItem | None:

@@ -8,7 +8,6 @@ attribute the broker does not know still gets its answers.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,8 +19,12 @@ from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
+from broker.dicom.wl_files import SPS_STATUS_TERMS, item_dataset
 from broker.domain import ItemStatus, WorklistRow
 from broker.matching import WorklistQuery
+
+__all__ = ["SPS_STATUS_TERMS", "query_from_identifier", "render_response",
+           "response_renderer"]
 
 # Values are stored as Unicode, so every response declares UTF-8 (PS3.3 C.12.1.1.2).
 RESPONSE_CHARACTER_SET = "ISO_IR 192"
@@ -66,16 +69,6 @@ PRIORITY = _tag("RequestedProcedurePriority")
 SPS_LOCATION = _tag("ScheduledProcedureStepLocation")
 PRE_MEDICATION = _tag("PreMedication")
 CONTRAST_AGENT = _tag("RequestedContrastAgent")
-
-# Scheduled Procedure Step Status (0040,0020) defined terms (PS3.3 C.4.10). The broker's
-# IN PROGRESS is the modality's STARTED; DICOM spells CANCELED with one L.
-SPS_STATUS_TERMS: dict[ItemStatus, str] = {
-    ItemStatus.SCHEDULED: "SCHEDULED",
-    ItemStatus.IN_PROGRESS: "STARTED",
-    ItemStatus.COMPLETED: "COMPLETED",
-    ItemStatus.DISCONTINUED: "DISCONTINUED",
-    ItemStatus.CANCELLED: "CANCELED",
-}
 
 # The keys that become filters, at the top level and in the single item of a sequence key:
 # every attribute the broker stores (docs/worklist-matching.md).
@@ -190,59 +183,16 @@ def query_from_identifier(identifier: Dataset, *, max_matches: int,
 
 # --- row -> response --------------------------------------------------------------------
 
-def _date(value: dt.date | None) -> str | None:
-    return value.strftime("%Y%m%d") if value is not None else None
-
-
-def _row_attributes(row: WorklistRow) -> dict[int, Any]:
-    """Everything a row can answer, keyed by tag; sequences are lists of such dicts."""
-    patient, procedure = row.patient, row.procedure
-    start = procedure.scheduled_start
-    step = {
-        MODALITY: procedure.modality,
-        STATION_AE_TITLE: procedure.scheduled_station_ae_title,
-        SPS_START_DATE: _date(start),
-        SPS_START_TIME: start.strftime("%H%M%S") if start is not None else None,
-        SPS_ID: procedure.sps_id,
-        SPS_DESCRIPTION: procedure.sps_description,
-        SPS_STATUS: SPS_STATUS_TERMS.get(row.status),  # HELD has no DICOM term: empty
-        PERFORMING_PHYSICIAN: procedure.scheduled_performing_physician_name,
-        STATION_NAME: procedure.scheduled_station_name,
-    }
-    codes = []
-    if procedure.requested_procedure_code_value:
-        codes.append({
-            CODE_VALUE: procedure.requested_procedure_code_value,
-            CODING_SCHEME: procedure.requested_procedure_code_scheme,
-            CODE_MEANING: procedure.requested_procedure_code_meaning,
-        })
-    return {
-        PATIENT_NAME: patient.patient_name,
-        PATIENT_ID: patient.patient_id,
-        ISSUER_OF_PATIENT_ID: patient.issuer_of_patient_id,
-        PATIENT_BIRTH_DATE: _date(patient.birth_date),
-        PATIENT_SEX: patient.sex,
-        ACCESSION_NUMBER: procedure.accession_number,
-        REFERRING_PHYSICIAN: procedure.referring_physician_name,
-        REQUESTING_PHYSICIAN: procedure.requesting_physician,
-        STUDY_INSTANCE_UID: procedure.study_instance_uid,
-        REQUESTED_PROCEDURE_ID: procedure.requested_procedure_id,
-        REQUESTED_PROCEDURE_DESCRIPTION: procedure.requested_procedure_description,
-        PRIORITY: procedure.requested_procedure_priority,
-        CODE_SEQUENCE: codes,
-        PLACER_ORDER: procedure.placer_order_number,
-        FILLER_ORDER: procedure.filler_order_number,
-        SPS_SEQUENCE: [step],
-    }
-
-
 @dataclass(frozen=True, slots=True)
 class _Key:
-    """One key of the response: a plain attribute, or a sequence rendered from ``item``."""
+    """One key of the response: a plain attribute, or a sequence rendered from ``item`` (the
+    request item's keys) or, when ``whole``, returned whole with ``item`` as the attributes
+    to return empty where the stored item lacks them."""
 
     tag: int
     vr: str
     item: tuple[_Key, ...] | None = None
+    whole: bool = False
 
 
 def _plain(tag: int, vr: str) -> _Key:
@@ -250,9 +200,8 @@ def _plain(tag: int, vr: str) -> _Key:
 
 
 # What a zero-length sequence key (or one with an empty item) returns: the whole item
-# (PS3.4 C.2.2.2.6, K.2.2.1.2 note 4), that is every Type 1, 1C, 2 and 2C attribute of
-# PS3.4 table K.6-1 for it (empty when the broker does not keep it) and the Type 3 ones the
-# broker keeps.
+# (PS3.4 C.2.2.2.6, K.2.2.1.2 note 4), that is every attribute the item holds, and every
+# Type 1, 1C, 2 and 2C attribute of PS3.4 table K.6-1 for it, empty when the item has none.
 _FULL_ITEMS: dict[int, tuple[_Key, ...]] = {
     SPS_SEQUENCE: (
         _plain(MODALITY, "CS"), _plain(STATION_AE_TITLE, "AE"), _plain(SPS_START_DATE, "DA"),
@@ -285,18 +234,42 @@ def _plan(template: Dataset) -> tuple[_Key, ...]:
         if items and len(items[0]) > 0:
             keys.append(_Key(tag, vr, _plan(items[0])))
         else:
-            keys.append(_Key(tag, vr, _FULL_ITEMS.get(tag, ())))
+            keys.append(_Key(tag, vr, _FULL_ITEMS.get(tag, ()), whole=True))
     return tuple(keys)
 
 
-def _emit(keys: Sequence[_Key], values: Mapping[int, Any]) -> Dataset:
+def _whole(item: Dataset, required: Sequence[_Key]) -> Dataset:
+    """A stored sequence item as it is, with the attributes a zero-length key must return
+    added empty where it has none. Elements are new: the caller may re-encode them."""
+    out = Dataset()
+    for element in item:
+        if element.VR == "SQ":
+            out.add(DataElement(element.tag, "SQ",
+                                [_whole(inner, ()) for inner in element.value]))
+        else:
+            out.add(DataElement(element.tag, element.VR, element.value))
+    for key in required:
+        if key.tag not in out:
+            out.add(DataElement(key.tag, key.vr, None))
+    return out
+
+
+def _emit(keys: Sequence[_Key], source: Dataset) -> Dataset:
     out = Dataset()
     for key in keys:
+        element = source.get_item(key.tag)
         if key.item is None:
-            out.add(DataElement(key.tag, key.vr, values.get(key.tag)))
+            if element is None or element.VR == "SQ":
+                out.add(DataElement(key.tag, key.vr, None))
+            else:
+                out.add(DataElement(key.tag, element.VR, element.value))
+            continue
+        items = element.value if element is not None and element.VR == "SQ" else ()
+        if key.whole:
+            rendered = [_whole(item, key.item) for item in items]
         else:
-            items = values.get(key.tag) or ()
-            out.add(DataElement(key.tag, "SQ", [_emit(key.item, item) for item in items]))
+            rendered = [_emit(key.item, item) for item in items]
+        out.add(DataElement(key.tag, "SQ", rendered))
     return out
 
 
@@ -309,7 +282,7 @@ def response_renderer(identifier: Dataset) -> Callable[[WorklistRow], Dataset]:
     keys = _plan(identifier)
 
     def render(row: WorklistRow) -> Dataset:
-        response = _emit(keys, _row_attributes(row))
+        response = _emit(keys, item_dataset(row))
         response.SpecificCharacterSet = RESPONSE_CHARACTER_SET
         return response
 
@@ -317,10 +290,11 @@ def response_renderer(identifier: Dataset) -> Callable[[WorklistRow], Dataset]:
 
 
 def render_response(identifier: Dataset, row: WorklistRow) -> Dataset:
-    """The C-FIND response identifier for one match: only the keys asked for, nested as asked.
+    """The C-FIND response identifier for one match: only the keys asked for, nested as asked,
+    with the values of the item's whole dataset (:func:`broker.dicom.wl_files.item_dataset`).
 
     A sequence key with an item renders that item's keys for each of the row's items; a
     zero-length sequence key (or one with an empty item) returns the items whole. Keys the
-    broker does not store come back empty. Specific Character Set is always ISO_IR 192.
+    item has no value for come back empty. Specific Character Set is always ISO_IR 192.
     """
     return response_renderer(identifier)(row)
