@@ -20,18 +20,23 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from pydicom import __version__ as pydicom_version
 from pydicom import dcmread
+from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.multival import MultiValue
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker.domain import (
@@ -44,13 +49,16 @@ from broker.domain import (
 )
 from broker.errors import BrokerError
 from broker.matching import WorklistQuery, find_worklist
-from broker.orders import apply_order
+from broker.orders import apply_batch, apply_order
 from broker.store import Store
 
 log = logging.getLogger(__name__)
 
 # DCMTK writes .wl files with this SOP class in their meta header.
 _MWL_FIND = "1.2.840.10008.5.1.4.31"
+_PREAMBLE = b"\0" * 128 + b"DICM"
+_IMPLEMENTATION_VERSION = f"PYDICOM {pydicom_version}"[:16]
+_IO_THREADS = 4
 # Files per transaction: one commit (one fsync on SQLite) per batch, not per file.
 BATCH_SIZE = 500
 
@@ -117,50 +125,117 @@ _VR: dict[int, str] = {
 
 # --- DICOM JSON ---------------------------------------------------------------------------
 
-def _keep_number_text(element_json: dict[str, Any], element: DataElement) -> None:
-    """DS and IS as the strings they were (PS3.18 F.2.3.1 allows it): a JSON number would
-    turn a weight of ``70`` into ``70.0``."""
-    if element.VR in ("DS", "IS") and element.value not in (None, ""):
-        values = element.value if isinstance(element.value, MultiValue) else [element.value]
-        element_json["Value"] = [getattr(v, "original_string", None) or str(v)
-                                 for v in values]
+Json = dict[str, Any]
+
+# Value representations read straight from a file's bytes (pydicom's conversion of each raw
+# element is most of an import's time); the others go through pydicom.
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                       "TM", "UC", "UI", "UR", "UT"})
+_ONE_VALUE_VRS = frozenset({"LT", "ST", "UT", "UR"})  # a backslash is text there
+_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 
 
-def _restore_number_text(ds: Dataset, data: dict[str, Any]) -> None:
-    """pydicom reads DS and IS from JSON as numbers (``70`` -> ``70.0``): put back the
-    strings :func:`dataset_json` kept."""
-    for tag, element in data.items():
-        values = element.get("Value")
-        if not values:
-            continue
-        if element.get("vr") == "SQ":
-            for item, item_data in zip(ds[int(tag, 16)].value, values, strict=False):
-                _restore_number_text(item, item_data)
-        elif element.get("vr") in ("DS", "IS") and all(isinstance(v, str) for v in values):
-            ds[int(tag, 16)].value = "\\".join(values)
+def _key(tag: int) -> str:
+    return f"{tag:08X}"
 
 
-def _json_dict(ds: Dataset) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for element in ds:
-        if element.tag.element == 0:
-            continue  # group lengths describe an encoding, not the item
-        if element.VR == "SQ":
-            items = [_json_dict(item) for item in element.value]
-            out[f"{element.tag:08X}"] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
-            continue
-        encoded = element.to_json_dict(None, None)
-        _keep_number_text(encoded, element)
-        out[f"{element.tag:08X}"] = encoded
+def _pn_json(text: str) -> dict[str, str]:
+    groups = text.split("=")
+    out = {"Alphabetic": groups[0]}
+    for name, group in zip(("Ideographic", "Phonetic"), groups[1:], strict=False):
+        out[name] = group
     return out
 
 
+def _raw_text_json(vr: str, raw: bytes, codec: str) -> Json:
+    text = raw.decode(codec if vr in _CHARSET_VRS else "ascii", errors="replace")
+    text = text.rstrip("\x00 ") if vr in _ONE_VALUE_VRS or vr == "UI" else text.rstrip(" \x00")
+    if not text:
+        return {"vr": vr}
+    parts = [text] if vr in _ONE_VALUE_VRS else text.split("\\")
+    if vr not in _ONE_VALUE_VRS:
+        parts = [part.strip(" ") if vr not in _CHARSET_VRS or vr == "PN" else part.rstrip(" ")
+                 for part in parts]
+    if vr == "PN":
+        return {"vr": vr, "Value": [_pn_json(part) for part in parts]}
+    return {"vr": vr, "Value": parts}
+
+
+def _element_json(ds: Dataset, tag: Any, codec: str | None) -> Json:
+    raw = ds.get_item(tag)
+    vr = getattr(raw, "VR", None)
+    if (codec is not None and isinstance(raw, RawDataElement) and vr in _TEXT_VRS
+            and raw.value is not None):
+        return _raw_text_json(vr, raw.value, codec)
+    element = ds[tag]
+    if element.VR == "SQ":
+        items = [_json_dict(item, codec) for item in element.value]
+        return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+    encoded = element.to_json_dict(None, None)
+    if element.VR in ("DS", "IS") and element.value not in (None, ""):
+        # DS and IS as the strings they were (PS3.18 F.2.3.1 allows it): a JSON number
+        # would turn a weight of 70 into 70.0.
+        values = element.value if isinstance(element.value, MultiValue) else [element.value]
+        encoded["Value"] = [getattr(v, "original_string", None) or str(v) for v in values]
+    return encoded
+
+
+def _single_codec(ds: Dataset) -> str | None:
+    """The one Python codec of the dataset's character set; None when it switches sets
+    (ISO 2022 escapes): pydicom decodes those."""
+    value = ds.get_item(SPECIFIC_CHARACTER_SET)
+    if value is None:
+        return "iso8859"  # the default repertoire; pydicom reads it as Latin-1 too
+    names = ds.SpecificCharacterSet
+    names = [names] if isinstance(names, str) else list(names)
+    if len(names) > 1 or (names and "2022" in str(names[0])):
+        return None
+    return convert_encodings(names)[0]
+
+
+def _json_dict(ds: Dataset, codec: str | None) -> Json:
+    """``codec`` None: every element through pydicom's own conversion."""
+    out: Json = {}
+    for tag in ds.keys():
+        if tag.element == 0 or tag.group == 0x0002 or tag == SPECIFIC_CHARACTER_SET:
+            continue  # group lengths and file meta describe an encoding, not the item
+        out[_key(tag)] = _element_json(ds, tag, codec)
+    return out
+
+
+def dataset_dict(ds: Dataset) -> Json:
+    """A dataset as a DICOM JSON object (PS3.18 F), without its file meta and Specific
+    Character Set: the values are Unicode from then on."""
+    return _json_dict(ds, _single_codec(ds))
+
+
 def dataset_json(ds: Dataset) -> str:
-    """A dataset (without its file meta and Specific Character Set: the values are Unicode
-    once read) as DICOM JSON."""
-    data = {tag: element for tag, element in _json_dict(ds).items()
-            if not tag.startswith("0002") and tag != f"{SPECIFIC_CHARACTER_SET:08X}"}
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    """:func:`dataset_dict` as text, as ``item_dataset`` keeps it."""
+    return json.dumps(dataset_dict(ds), ensure_ascii=False, separators=(",", ":"))
+
+
+def _dataset_from_dict(data: Json) -> Dataset:
+    """A DICOM JSON object back into a dataset: text values and sequences directly (DS and
+    IS as the strings they were kept as), anything else through pydicom."""
+    ds = Dataset()
+    for key, element in data.items():
+        vr = element.get("vr")
+        values = element.get("Value")
+        tag = int(key, 16)
+        if vr == "SQ":
+            ds.add(DataElement(tag, vr, [_dataset_from_dict(item) for item in values or ()]))
+        elif vr in _TEXT_VRS and set(element) <= {"vr", "Value"} and all(
+                isinstance(v, str | dict) for v in values or ()):
+            if vr == "PN":
+                values = [_text({"x": {"Value": [v]}}, "x") or "" for v in values or ()]
+            value: Any = None
+            if values:
+                value = values[0] if len(values) == 1 else values
+            ds.add(DataElement(tag, vr, value))
+        else:
+            value_key = next(iter(set(element) - {"vr"}), "Value")
+            ds.add(DataElement.from_json(Dataset, key, vr, element.get(value_key), value_key))
+    return ds
 
 
 @lru_cache(maxsize=8192)
@@ -169,10 +244,9 @@ def _stored(text: str) -> tuple[Dataset, dict[int, Any]]:
     are rendered on every poll). Never modified: :func:`item_dataset` copies what it
     changes."""
     data = json.loads(text)
-    ds = Dataset.from_json(data)
-    _restore_number_text(ds, data)
+    ds = _dataset_from_dict(data)
     try:
-        order = order_from_dataset(ds)
+        order = order_from_json(data)
     except (BrokerError, ValueError):
         # A value the columns could not take: it was never in the columns either.
         order = Order(OrderControl.NEW, PatientData(""), ProcedureData(""))
@@ -185,14 +259,21 @@ def dataset_from_json(text: str) -> Dataset:
 
 # --- dataset -> order -----------------------------------------------------------------------
 
-def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    if isinstance(value, MultiValue):
-        # Several values (two station AE titles): all kept, as DICOM encodes them.
-        value = "\\".join(str(part).strip() for part in value)
-    return str(value).strip() or None
+def _values(data: Json, tag: int | str) -> list[Any]:
+    element = data.get(tag if isinstance(tag, str) else _key(tag))
+    return (element or {}).get("Value") or []
+
+
+def _text(data: Json, tag: int | str) -> str | None:
+    """An attribute's text as the columns keep it: several values joined by a backslash (two
+    station AE titles), a person name as ``alphabetic=ideographic=phonetic``."""
+    parts = []
+    for value in _values(data, tag):
+        if isinstance(value, dict):
+            value = "=".join((value.get("Alphabetic", ""), value.get("Ideographic", ""),
+                              value.get("Phonetic", ""))).rstrip("=")
+        parts.append(str(value).strip())
+    return "\\".join(parts).strip() or None
 
 
 def _date(text: str | None) -> dt.date | None:
@@ -204,25 +285,25 @@ def _date(text: str | None) -> dt.date | None:
         raise BrokerError(f"date {text!r} is not YYYYMMDD") from None
 
 
-def _first_item(ds: Dataset, keyword: str) -> Dataset:
-    items = ds.get(keyword)
-    return items[0] if items else Dataset()
+def _first_item(data: Json, tag: int) -> Json:
+    items = _values(data, tag)
+    return items[0] if items else {}
 
 
-def order_from_dataset(ds: Dataset, *, control: OrderControl = OrderControl.NEW,
-                       message_control_id: str = "import-wl") -> Order:
-    """The order that creates (or updates) the worklist item a dataset describes.
+def order_from_json(data: Json, *, control: OrderControl = OrderControl.NEW,
+                    message_control_id: str = "import-wl") -> Order:
+    """The order that creates (or updates) the worklist item a DICOM JSON dataset describes.
 
     The first item of its Scheduled Procedure Step Sequence is the scheduled step and the
-    first item of its Requested Procedure Code Sequence the procedure code; every attribute,
-    those included, is kept whole in ``item_dataset``.
+    first item of its Requested Procedure Code Sequence the procedure code. The dataset is
+    not attached: :func:`order_from_dataset` does that.
     """
-    step = _first_item(ds, "ScheduledProcedureStepSequence")
-    code = _first_item(ds, "RequestedProcedureCodeSequence")
-    start_date = _date(_text(step, "ScheduledProcedureStepStartDate"))
+    step = _first_item(data, SPS_SEQUENCE)
+    code = _first_item(data, CODE_SEQUENCE)
+    start_date = _date(_text(step, SPS_START_DATE))
     start = None
     if start_date is not None:
-        time_text = (_text(step, "ScheduledProcedureStepStartTime") or "").replace(":", "")
+        time_text = (_text(step, SPS_START_TIME) or "").replace(":", "")
         digits = time_text.split(".")[0].ljust(6, "0")[:6]
         try:
             start = dt.datetime.combine(start_date, dt.time(
@@ -230,40 +311,44 @@ def order_from_dataset(ds: Dataset, *, control: OrderControl = OrderControl.NEW,
         except ValueError:
             raise BrokerError(f"time {time_text!r} is not HHMMSS") from None
     patient = PatientData(
-        patient_id=_text(ds, "PatientID") or "",
-        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-        patient_name=_text(ds, "PatientName"),
-        birth_date=_date(_text(ds, "PatientBirthDate")),
-        sex=_text(ds, "PatientSex"),
+        patient_id=_text(data, PATIENT_ID) or "",
+        issuer_of_patient_id=_text(data, ISSUER_OF_PATIENT_ID),
+        patient_name=_text(data, PATIENT_NAME),
+        birth_date=_date(_text(data, PATIENT_BIRTH_DATE)),
+        sex=_text(data, PATIENT_SEX),
     )
     procedure = ProcedureData(
-        accession_number=_text(ds, "AccessionNumber") or "",
-        study_instance_uid=_text(ds, "StudyInstanceUID"),
-        requested_procedure_id=_text(ds, "RequestedProcedureID"),
-        requested_procedure_description=_text(ds, "RequestedProcedureDescription"),
-        requested_procedure_code_value=_text(code, "CodeValue"),
-        requested_procedure_code_scheme=_text(code, "CodingSchemeDesignator"),
-        requested_procedure_code_meaning=_text(code, "CodeMeaning"),
-        sps_id=_text(step, "ScheduledProcedureStepID"),
-        sps_description=_text(step, "ScheduledProcedureStepDescription"),
-        modality=_text(step, "Modality"),
-        scheduled_station_ae_title=_text(step, "ScheduledStationAETitle"),
+        accession_number=_text(data, ACCESSION_NUMBER) or "",
+        study_instance_uid=_text(data, STUDY_INSTANCE_UID),
+        requested_procedure_id=_text(data, REQUESTED_PROCEDURE_ID),
+        requested_procedure_description=_text(data, REQUESTED_PROCEDURE_DESCRIPTION),
+        requested_procedure_code_value=_text(code, CODE_VALUE),
+        requested_procedure_code_scheme=_text(code, CODING_SCHEME),
+        requested_procedure_code_meaning=_text(code, CODE_MEANING),
+        sps_id=_text(step, SPS_ID),
+        sps_description=_text(step, SPS_DESCRIPTION),
+        modality=_text(step, MODALITY),
+        scheduled_station_ae_title=_text(step, STATION_AE_TITLE),
         scheduled_start=start,
-        referring_physician_name=_text(ds, "ReferringPhysicianName"),
-        requesting_physician=_text(ds, "RequestingPhysician"),
-        placer_order_number=_text(ds, "PlacerOrderNumberImagingServiceRequest"),
-        filler_order_number=_text(ds, "FillerOrderNumberImagingServiceRequest"),
-        scheduled_performing_physician_name=_text(step, "ScheduledPerformingPhysicianName"),
-        scheduled_station_name=_text(step, "ScheduledStationName"),
-        requested_procedure_priority=_text(ds, "RequestedProcedurePriority"),
+        referring_physician_name=_text(data, REFERRING_PHYSICIAN),
+        requesting_physician=_text(data, REQUESTING_PHYSICIAN),
+        placer_order_number=_text(data, PLACER_ORDER),
+        filler_order_number=_text(data, FILLER_ORDER),
+        scheduled_performing_physician_name=_text(step, PERFORMING_PHYSICIAN),
+        scheduled_station_name=_text(step, STATION_NAME),
+        requested_procedure_priority=_text(data, PRIORITY),
     )
     return Order(control, patient, procedure, message_control_id=message_control_id)
 
 
-def order_with_dataset(ds: Dataset, **kwargs: Any) -> Order:
-    """:func:`order_from_dataset`, keeping the whole dataset with the order."""
-    order = order_from_dataset(ds, **kwargs)
-    return replace(order, procedure=replace(order.procedure, item_dataset=dataset_json(ds)))
+def order_from_dataset(ds: Dataset, *, control: OrderControl = OrderControl.NEW,
+                       message_control_id: str = "import-wl") -> Order:
+    """The order that creates (or updates) the worklist item a dataset describes (a worklist
+    file, a REST call's tags), keeping the whole dataset with it (``item_dataset``)."""
+    data = dataset_dict(ds)
+    order = order_from_json(data, control=control, message_control_id=message_control_id)
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return replace(order, procedure=replace(order.procedure, item_dataset=text))
 
 
 # --- item -> dataset ------------------------------------------------------------------------
@@ -389,8 +474,17 @@ _BAD_FILE = (BrokerError, InvalidDicomError, OSError, ValueError, AttributeError
              TypeError, IndexError)
 
 
-def _read(path: Path) -> Order:
-    return order_with_dataset(dcmread(path, force=True))
+def _read(path: Path, content: bytes | OSError) -> Order:
+    if isinstance(content, OSError):
+        raise content
+    return order_from_dataset(dcmread(DicomBytesIO(content), force=True))
+
+
+def _read_bytes(path: Path) -> bytes | OSError:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        return exc
 
 
 def _batches(paths: list[Path], size: int) -> Iterator[list[Path]]:
@@ -409,17 +503,20 @@ def import_worklist(store: Store, directory: Path, *, uid_root: str,
     started = time.perf_counter()
     imported = 0
     refused: list[tuple[str, str]] = []
-    for batch in _batches(sorted(Path(directory).glob("*.wl")), batch_size):
-        orders: list[tuple[Path, Order]] = []
-        for path in batch:
-            try:
-                orders.append((path, _read(path)))
-            except _BAD_FILE as exc:
-                refused.append((path.name, str(exc) or exc.__class__.__name__))
-                log.warning("worklist file %s not imported: %s", path.name, exc)
-        imported += _store_batch(store, orders, uid_root, refused)
-        if progress is not None:
-            progress(len(batch))
+    # Threads read the files ahead (waiting on the disk releases the GIL) while this one
+    # decodes them and writes the database.
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        for batch in _batches(sorted(Path(directory).glob("*.wl")), batch_size):
+            orders: list[tuple[Path, Order]] = []
+            for path, content in zip(batch, pool.map(_read_bytes, batch), strict=True):
+                try:
+                    orders.append((path, _read(path, content)))
+                except _BAD_FILE as exc:
+                    refused.append((path.name, str(exc) or exc.__class__.__name__))
+                    log.warning("worklist file %s not imported: %s", path.name, exc)
+            imported += _store_batch(store, orders, uid_root, refused)
+            if progress is not None:
+                progress(len(batch))
     return ImportResult(imported, refused, time.perf_counter() - started)
 
 
@@ -428,8 +525,7 @@ def _store_batch(store: Store, orders: list[tuple[Path, Order]], uid_root: str,
     """One transaction for the batch; if it fails, each file alone to find the bad ones."""
     try:
         with store.writing() as session:
-            for _, order in orders:
-                apply_order(session, order, uid_root=uid_root)
+            apply_batch(session, [order for _, order in orders], uid_root=uid_root)
         return len(orders)
     except (BrokerError, SQLAlchemyError):
         pass
@@ -447,15 +543,27 @@ def _store_batch(store: Store, orders: list[tuple[Path, Order]], uid_root: str,
     return stored
 
 
-def worklist_file(row: WorklistRow) -> Dataset:
-    """A stored item as the ``.wl`` file wlmscpfs reads: its dataset, declared UTF-8."""
+def worklist_file(row: WorklistRow) -> bytes:
+    """A stored item as the ``.wl`` file wlmscpfs reads: its dataset, declared UTF-8, in
+    Explicit VR Little Endian with the Modality Worklist SOP class in the file meta.
+
+    Encoded here rather than by ``save_as``, which validates and copies the file meta of
+    every file: half the time of an export.
+    """
     ds = item_dataset(row)
     ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = _MWL_FIND
-    ds.file_meta.MediaStorageSOPInstanceUID = row.procedure.study_instance_uid or "1.2.3"
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = _MWL_FIND
+    meta.MediaStorageSOPInstanceUID = row.procedure.study_instance_uid or "1.2.3"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = _IMPLEMENTATION_VERSION
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    buffer.write(_PREAMBLE)
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
 
 
 def _file_name(accession: str) -> str:
@@ -468,13 +576,23 @@ def export_worklist(store: Store, directory: Path,
     directory.mkdir(parents=True, exist_ok=True)
     with store.reading() as session:
         rows = find_worklist(session, WorklistQuery(limit=100_000_000))
-    for count, row in enumerate(rows, start=1):
-        worklist_file(row).save_as(directory / _file_name(row.procedure.accession_number),
-                                   enforce_file_format=True)
-        if progress is not None and count % 100 == 0:
-            progress(100)
-    if progress is not None and len(rows) % 100:
-        progress(len(rows) % 100)
+    # Threads create and write the files (the file system's share of the time, without the
+    # GIL) while this one encodes; at most a few batches wait in memory.
+    writing: list[Future[int]] = []
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        for start in range(0, len(rows), BATCH_SIZE):
+            batch = rows[start:start + BATCH_SIZE]
+            encoded = [(directory / _file_name(row.procedure.accession_number),
+                        worklist_file(row)) for row in batch]
+            for future in writing:
+                future.result()  # the previous batch is written (or its error raised)
+            if progress is not None and writing:
+                progress(len(writing))
+            writing = [pool.submit(path.write_bytes, data) for path, data in encoded]
+        for future in writing:
+            future.result()
+        if progress is not None and writing:
+            progress(len(writing))
     return len(rows)
 
 

@@ -14,11 +14,12 @@ from pydicom.filewriter import write_dataset
 from sqlalchemy import select
 
 from broker.dicom.wl_files import (
+    dataset_dict,
     dataset_json,
     export_worklist,
     import_worklist,
     item_dataset,
-    order_with_dataset,
+    order_from_dataset,
 )
 from broker.domain import ItemStatus, WorklistRow
 from broker.matching import WorklistQuery, find_worklist
@@ -108,7 +109,7 @@ def test_values_changed_since_the_import_are_written_over_the_kept_ones(tmp_path
     step.ScheduledProcedureStepStartTime, step.PreMedication = "0930", "NONE"
     ds.ScheduledProcedureStepSequence = [step]
     with sqlite_store.writing() as s:
-        apply_order(s, order_with_dataset(ds), uid_root="1.2.3")
+        apply_order(s, order_from_dataset(ds), uid_root="1.2.3")
     kept = item_dataset(_row(sqlite_store, "A1"))
     assert kept.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime == "0930"
     assert str(kept.PatientWeight) == "70" and list(kept.Allergies) == ["IODINE", "LATEX"]
@@ -124,6 +125,26 @@ def test_values_changed_since_the_import_are_written_over_the_kept_ones(tmp_path
     assert changed_step.PreMedication == "NONE"
     assert changed_step.ScheduledProcedureStepStartTime == "0930"
     assert list(changed.Allergies) == ["IODINE", "LATEX"]
+
+
+def test_the_fast_reading_of_a_file_is_pydicoms(tmp_path):
+    """import-wl decodes text values from the file's bytes itself: the same values as
+    pydicom's conversion, for DCMTK's examples and a UTF-8 file with every kind of text."""
+    from broker.dicom.wl_files import _json_dict
+
+    files = dcmtk_examples(tmp_path / "wl")
+    ds = pydicom.dcmread(files[0])
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    ds.OtherPatientIDs = ["ID1", "ID 2"]
+    ds.PatientComments = "two\\lines  "
+    ds.PatientWeight, ds.AdditionalPatientHistory = "70.5", "  Müller  "
+    ds.ScheduledProcedureStepSequence[0].CommentsOnTheScheduledProcedureStep = "é"
+    ds.save_as(tmp_path / "utf8.wl")
+    for path in [*files, tmp_path / "utf8.wl"]:
+        fast = pydicom.dcmread(path)
+        slow = pydicom.dcmread(path)
+        assert dataset_dict(fast) == _json_dict(slow, None), path.name
 
 
 def test_dataset_json_keeps_numbers_as_written():
