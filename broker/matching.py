@@ -16,8 +16,10 @@ One function per matching type, after pynetdicom's ``apps/qrscp/db.py``:
 - sequence matching (C.2.2.2.6): the broker keeps one item per sequence (one scheduled step,
   one requested procedure code), so the keys of the request's item are matched against it.
 
-Every attribute the broker stores is a matching key; every other key is matched universally
-(it never fails a query), see docs/worklist-matching.md.
+Every attribute the broker keeps in a column is a matching key (Scheduled Station AE Title with
+all its values, :func:`match_multi_valued`); every other key, the attributes kept only in the
+item's dataset included, is matched universally (it never fails a query), see
+docs/worklist-matching.md.
 
 Every filter is pushed into the one SQL statement :func:`find_worklist` runs; nothing loops over
 rows in Python. This module knows nothing of pydicom: the DICOM edge reads the identifier into
