@@ -276,7 +276,7 @@ def _worklist_files(args: argparse.Namespace) -> int:
 def _mapping_test(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from hl7_listener.mapping import load_mapping
+    from hl7_listener.mapping import TARGETS, load_mapping
     from hl7_listener.message import parse
     from hl7_listener.samples import render_sample
 
@@ -298,8 +298,9 @@ def _mapping_test(args: argparse.Namespace) -> int:
         width = max(len(keyword) for keyword, _, _ in rows)
         for keyword, value, source in rows:
             print(f"  {keyword:<{width}}  {value or '(empty)':<30}  <- {source}")
+        # The item's other attributes (allergies, weight...) come only when the RIS has them.
         warnings = [f"{keyword} is empty ({source})" for keyword, value, source in rows
-                    if not value and keyword != "StudyInstanceUID"]
+                    if not value and keyword != "StudyInstanceUID" and keyword in TARGETS]
         if not order.procedure.study_instance_uid:
             warnings.append("StudyInstanceUID: none sent; one is generated under uid_root")
         for warning in warnings:
