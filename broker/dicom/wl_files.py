@@ -257,7 +257,7 @@ def _stored(text: str) -> tuple[Dataset, dict[int, Any]]:
 
 
 def dataset_from_json(text: str) -> Dataset:
-    return _copy(_stored(text)[0])
+    return ItemView(_stored(text)[0], {}, {}).to_dataset()
 
 
 # --- dataset -> order -----------------------------------------------------------------------
@@ -401,67 +401,98 @@ def _column_attributes(patient: PatientData, procedure: ProcedureData,
     }
 
 
-def _copy(ds: Dataset) -> Dataset:
-    """A new dataset holding the same elements (they are replaced, never changed)."""
-    out = Dataset()
-    for element in ds:
-        out.add(element)
-    return out
+@dataclass(frozen=True, slots=True)
+class ItemView:
+    """A stored item's dataset, read attribute by attribute: what the columns hold now where
+    it changed since the dataset was kept (an XO order, an ADT update, the step status), the
+    kept dataset otherwise. :func:`item_dataset` materialises it; the C-FIND renderer reads
+    only the keys a query asks for."""
+
+    kept: Dataset | None
+    now: dict[int, Any]  # column values; the two sequences' first items as dicts
+    before: dict[int, Any]  # what the columns held for the kept dataset
+
+    def _changed(self, tag: int) -> Any:
+        value = self.now.get(tag)
+        if value is None or isinstance(value, dict):
+            return None
+        if value == self.before.get(tag) and self.kept is not None and tag in self.kept:
+            return None  # unchanged: the kept value, in the form it was given
+        return value
+
+    def element(self, tag: int) -> DataElement | None:
+        found = self.value(tag)
+        if found is None:
+            return None
+        vr, value, converted = found
+        return DataElement(tag, vr, value, already_converted=converted,
+                           validation_mode=config.IGNORE)  # the store's values
+
+    def value(self, tag: int) -> tuple[str, Any, bool] | None:
+        """(VR, value, whether pydicom converted the value already), or None."""
+        value = self._changed(tag)
+        if value is not None:
+            vr = _VR[tag]
+            if isinstance(value, str) and "\\" in value and vr in ("AE", "CS"):
+                value = value.split("\\")
+            return vr, value, False
+        if self.kept is None or tag not in self.kept:
+            return None
+        element = self.kept[tag]
+        return element.VR, element.value, True
+
+    def items(self, tag: int) -> list[ItemView]:
+        kept = self.kept.get_item(tag) if self.kept is not None else None
+        kept_items = list(kept.value) if kept is not None and kept.VR == "SQ" else []
+        column_item = self.now.get(tag)
+        if not isinstance(column_item, dict):
+            return [ItemView(item, {}, {}) for item in kept_items]
+        first = ItemView(kept_items[0] if kept_items else None, column_item,
+                         self.before.get(tag, {}))
+        if (not kept_items and tag != SPS_SEQUENCE
+                and all(first._changed(key) is None for key in column_item)):
+            return []  # no procedure code at all: no empty item either
+        return [first, *(ItemView(item, {}, {}) for item in kept_items[1:])]
+
+    def tags(self) -> list[int]:
+        tags = {int(tag) for tag in self.kept.keys()} if self.kept is not None else set()
+        tags.update(tag for tag in self.now if self._changed(tag) is not None)
+        for tag, value in self.now.items():
+            if isinstance(value, dict) and self.items(tag):
+                tags.add(tag)
+        return sorted(tags)
+
+    def is_sequence(self, tag: int) -> bool:
+        if isinstance(self.now.get(tag), dict):
+            return True
+        return self.kept is not None and tag in self.kept and self.kept[tag].VR == "SQ"
+
+    def to_dataset(self) -> Dataset:
+        ds = Dataset()
+        for tag in self.tags():
+            if self.is_sequence(tag):
+                ds.add(DataElement(tag, "SQ", [item.to_dataset() for item in self.items(tag)]))
+            else:
+                element = self.element(tag)
+                if element is not None:
+                    ds.add(element)
+        return ds
 
 
-def _element(tag: int, value: Any) -> DataElement:
-    vr = _VR[tag]
-    if isinstance(value, str) and "\\" in value and vr in ("AE", "CS"):
-        value = value.split("\\")
-    return DataElement(tag, vr, value)
-
-
-def _overlay(target: Dataset, now: dict[int, Any], before: dict[int, Any]) -> bool:
-    """Write the values that changed since the dataset was kept; whether any did."""
-    changed = False
-    for tag, value in now.items():
-        if isinstance(value, dict):
-            continue
-        if value is None or (value == before.get(tag) and tag in target):
-            continue
-        target.add(_element(tag, value))
-        changed = True
-    return changed
-
-
-def _overlay_item(ds: Dataset, tag: int, now: dict[int, Any], before: dict[int, Any],
-                  *, always: bool) -> None:
-    """The same, inside the first item of a sequence (created when needed and ``always`` or
-    something is to be written)."""
-    if not any(value is not None and (value != before.get(key))
-               for key, value in now.items()) and not always:
-        return
-    items = ds.get(tag)
-    item = _copy(items[0]) if items else Dataset()
-    if _overlay(item, now, before) or not items:
-        rest = list(items[1:]) if items else []
-        ds.add(DataElement(tag, "SQ", [item, *rest]))
+def item_view(row: WorklistRow) -> ItemView:
+    kept, before = _stored(row.procedure.item_dataset) if row.procedure.item_dataset else (
+        None, {})
+    return ItemView(kept, _column_attributes(row.patient, row.procedure, row.status), before)
 
 
 def item_dataset(row: WorklistRow) -> Dataset:
     """The whole dataset of a stored item: everything it was given, with what the columns
     hold now written over it where it changed, and the step's status.
 
-    Without Specific Character Set (the values are Unicode); never shared: the caller may
-    change it.
+    Without Specific Character Set (the values are Unicode); a new dataset the caller may
+    change (its elements may share values with the kept dataset: replace, never mutate).
     """
-    if row.procedure.item_dataset:
-        kept, before = _stored(row.procedure.item_dataset)
-        ds = _copy(kept)
-    else:
-        ds, before = Dataset(), {}
-    now = _column_attributes(row.patient, row.procedure, row.status)
-    _overlay(ds, now, before)
-    _overlay_item(ds, SPS_SEQUENCE, now[SPS_SEQUENCE], before.get(SPS_SEQUENCE, {}),
-                  always=True)
-    _overlay_item(ds, CODE_SEQUENCE, now[CODE_SEQUENCE], before.get(CODE_SEQUENCE, {}),
-                  always=False)
-    return ds
+    return item_view(row).to_dataset()
 
 
 # --- worklist files -------------------------------------------------------------------------

@@ -13,13 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import Dataset, config
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
-from broker.dicom.wl_files import SPS_STATUS_TERMS, item_dataset
+from broker.dicom.wl_files import SPS_STATUS_TERMS, ItemView, item_view
 from broker.domain import ItemStatus, WorklistRow
 from broker.matching import WorklistQuery
 
@@ -227,44 +227,53 @@ def _plan(template: Dataset) -> tuple[_Key, ...]:
             # without their private creator would make an ill-formed dataset.
             continue
         vr = element.VR.split(" or ")[0]
+        # Plain ints: pydicom's tag type compares slowly, and these are looked up per match.
         if vr != "SQ":
-            keys.append(_Key(tag, vr))
+            keys.append(_Key(int(tag), vr))
             continue
         items = element.value
         if items and len(items[0]) > 0:
-            keys.append(_Key(tag, vr, _plan(items[0])))
+            keys.append(_Key(int(tag), vr, _plan(items[0])))
         else:
-            keys.append(_Key(tag, vr, _FULL_ITEMS.get(tag, ()), whole=True))
+            keys.append(_Key(int(tag), vr, _FULL_ITEMS.get(int(tag), ()), whole=True))
     return tuple(keys)
 
 
-def _whole(item: Dataset, required: Sequence[_Key]) -> Dataset:
+def _whole(item: ItemView, required: Sequence[_Key]) -> Dataset:
     """A stored sequence item as it is, with the attributes a zero-length key must return
-    added empty where it has none. Elements are new: the caller may re-encode them."""
+    added empty where it has none."""
     out = Dataset()
-    for element in item:
-        if element.VR == "SQ":
-            out.add(DataElement(element.tag, "SQ",
-                                [_whole(inner, ()) for inner in element.value]))
-        else:
-            out.add(DataElement(element.tag, element.VR, element.value))
+    for tag in item.tags():
+        if item.is_sequence(tag):
+            out.add(DataElement(tag, "SQ", [_whole(inner, ()) for inner in item.items(tag)]))
+            continue
+        found = item.value(tag)
+        if found is not None:
+            # Values are replaced, never changed in place (charsets.recode too): the new
+            # element may share the kept one's value.
+            vr, value, converted = found
+            out.add(DataElement(tag, vr, value, already_converted=converted,
+                                validation_mode=config.IGNORE))
     for key in required:
         if key.tag not in out:
             out.add(DataElement(key.tag, key.vr, None))
     return out
 
 
-def _emit(keys: Sequence[_Key], source: Dataset) -> Dataset:
+def _emit(keys: Sequence[_Key], source: ItemView) -> Dataset:
     out = Dataset()
     for key in keys:
-        element = source.get_item(key.tag)
         if key.item is None:
-            if element is None or element.VR == "SQ":
+            found = None if source.is_sequence(key.tag) else source.value(key.tag)
+            if found is None:
                 out.add(DataElement(key.tag, key.vr, None))
             else:
-                out.add(DataElement(key.tag, element.VR, element.value))
+                vr, value, converted = found
+                # The store's values were checked when they came in.
+                out.add(DataElement(key.tag, vr, value, already_converted=converted,
+                                    validation_mode=config.IGNORE))
             continue
-        items = element.value if element is not None and element.VR == "SQ" else ()
+        items = source.items(key.tag) if source.is_sequence(key.tag) else []
         if key.whole:
             rendered = [_whole(item, key.item) for item in items]
         else:
@@ -282,7 +291,7 @@ def response_renderer(identifier: Dataset) -> Callable[[WorklistRow], Dataset]:
     keys = _plan(identifier)
 
     def render(row: WorklistRow) -> Dataset:
-        response = _emit(keys, item_dataset(row))
+        response = _emit(keys, item_view(row))
         response.SpecificCharacterSet = RESPONSE_CHARACTER_SET
         return response
 
@@ -291,7 +300,7 @@ def response_renderer(identifier: Dataset) -> Callable[[WorklistRow], Dataset]:
 
 def render_response(identifier: Dataset, row: WorklistRow) -> Dataset:
     """The C-FIND response identifier for one match: only the keys asked for, nested as asked,
-    with the values of the item's whole dataset (:func:`broker.dicom.wl_files.item_dataset`).
+    with the values of the item's whole dataset (:func:`broker.dicom.wl_files.item_view`).
 
     A sequence key with an item renders that item's keys for each of the row's items; a
     zero-length sequence key (or one with an empty item) returns the items whole. Keys the
