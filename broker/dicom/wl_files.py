@@ -591,8 +591,9 @@ def _header(tag: int, vr: str, length: int) -> bytes:
     return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length)
 
 
-def _text_bytes(element: DataElement) -> bytes | None:
-    """A text value as UTF-8, padded to even length; None when pydicom should write it."""
+def text_bytes(element: DataElement, codec: str = "utf-8") -> bytes | None:
+    """A text value encoded (UTF-8 by default), padded to even length; None when pydicom
+    should write it (numbers, binary values)."""
     value = element.value
     if value is None:
         text = ""
@@ -603,7 +604,7 @@ def _text_bytes(element: DataElement) -> bytes | None:
         text = "\\".join(str(v) for v in value)
     else:
         return None
-    data = text.encode("utf-8")
+    data = text.encode(codec)
     if len(data) % 2:
         data += b"\0" if element.VR == "UI" else b" "
     return data
@@ -621,7 +622,7 @@ def encode_explicit_little(ds: Dataset) -> bytes:
                             for item in (encode_explicit_little(i) for i in element.value))
             out += _header(tag, vr, len(body)) + body
             continue
-        data = _text_bytes(element) if vr in _TEXT_VRS else None
+        data = text_bytes(element) if vr in _TEXT_VRS else None
         if data is not None and (vr in _LONG_LENGTH_VRS or len(data) <= 0xFFFF):
             out += _header(tag, vr, len(data)) + data
             continue

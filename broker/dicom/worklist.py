@@ -9,22 +9,31 @@ attribute the broker does not know still gets its answers.
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom import Dataset, config
+from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
-from broker.dicom.wl_files import SPS_STATUS_TERMS, ItemView, item_view
+from broker.dicom.charsets import Unencodable, codec_for, recode
+from broker.dicom.wl_files import SPS_STATUS_TERMS, ItemView, item_view, text_bytes
 from broker.domain import ItemStatus, WorklistRow
 from broker.matching import WorklistQuery
 
-__all__ = ["SPS_STATUS_TERMS", "query_from_identifier", "render_response",
+__all__ = ["SPS_STATUS_TERMS", "answer_encoder", "query_from_identifier", "render_response",
            "response_renderer"]
+
+# Text value representations, encoded once per answer (_LONG_TEXT_VRS may exceed 64 KiB).
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                       "TM", "UC", "UI", "UR", "UT"})
+_LONG_TEXT_VRS = frozenset({"UC", "UR", "UT"})
 
 # Values are stored as Unicode, so every response declares UTF-8 (PS3.3 C.12.1.1.2).
 RESPONSE_CHARACTER_SET = "ISO_IR 192"
@@ -296,6 +305,75 @@ def response_renderer(identifier: Dataset) -> Callable[[WorklistRow], Dataset]:
         return response
 
     return render
+
+
+# --- answers encoded once per query shape -----------------------------------------------
+
+# Encoded answers kept, by query shape, item and character set. An item that changes is a
+# different row, so a different key: the old answer is never served, it ages out.
+_ANSWER_CACHE_SIZE = 20_000
+_answers: OrderedDict[tuple[Any, ...], Dataset] = OrderedDict()
+_answers_lock = threading.Lock()
+
+
+def _frozen(response: Dataset, codec: str, encodings: list[str],
+            syntax: tuple[bool, bool]) -> Dataset:
+    """The response with its text values encoded once: raw elements, which pydicom writes as
+    they are when the dataset says it is already in the association's transfer syntax and
+    character set (else it decodes them all again). Numbers and binary values stay for
+    pydicom to encode."""
+    out = Dataset(parent_encoding=encodings)
+    out.set_original_encoding(*syntax, encodings)
+    for element in response:
+        if element.VR == "SQ":
+            out.add(DataElement(element.tag, "SQ", [_frozen(item, codec, encodings, syntax)
+                                                     for item in element.value]))
+            continue
+        data = text_bytes(element, codec) if element.VR in _TEXT_VRS else None
+        if data is None or (len(data) > 0xFFFF and element.VR not in _LONG_TEXT_VRS):
+            out.add(element)
+            continue
+        out[element.tag] = RawDataElement(element.tag, element.VR, len(data), data, 0,
+                                          syntax[0], syntax[1])
+    return out
+
+
+def answer_encoder(identifier: Dataset, *, character_set: str | None = None,
+                   unencodable: Unencodable = "transliterate", implicit_vr: bool = True,
+                   little_endian: bool = True) -> Callable[[WorklistRow], Dataset]:
+    """:func:`response_renderer` for the wire: each item's answer to this query shape is
+    rendered and its text encoded once, then served to every query of the same shape (a
+    modality's poll repeats its query) until the item changes. The answers are shared: only
+    pynetdicom's encoder reads them, and it changes nothing.
+
+    ``character_set``: the calling modality's (``dicom.modalities.<AE>.character_set``), else
+    ISO_IR 192. ``implicit_vr``, ``little_endian``: the association's transfer syntax.
+    """
+    keys = _plan(identifier)
+    render = response_renderer(identifier)
+    codec = codec_for(character_set) if character_set is not None else "utf-8"
+    # pydicom's form of the character set (Python codecs), as it compares it before writing.
+    encodings = convert_encodings(character_set or RESPONSE_CHARACTER_SET)
+    syntax = (implicit_vr, little_endian)
+
+    def answer(row: WorklistRow) -> Dataset:
+        key = (keys, row, character_set, unencodable, syntax)
+        with _answers_lock:
+            found = _answers.get(key)
+            if found is not None:
+                _answers.move_to_end(key)
+                return found
+        response = render(row)
+        if character_set is not None:
+            recode(response, character_set, unencodable)
+        encoded = _frozen(response, codec, encodings, syntax)
+        with _answers_lock:
+            _answers[key] = encoded
+            if len(_answers) > _ANSWER_CACHE_SIZE:
+                _answers.popitem(last=False)
+        return encoded
+
+    return answer
 
 
 def render_response(identifier: Dataset, row: WorklistRow) -> Dataset:
