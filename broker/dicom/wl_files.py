@@ -11,6 +11,10 @@ import into the store, so that a site can migrate, and export of the current wor
 - :func:`item_dataset`: a stored item -> its dataset: the kept dataset, with the values of
   the columns that changed since (an XO order, an ADT update, the step status) written over
   it. A value that did not change keeps the form it was given in (``0856`` stays ``0856``).
+  :func:`item_view` reads the same attribute by attribute (the C-FIND renderer).
+
+Other edges making items from DICOM (REST calls carrying tags) build a pydicom Dataset and
+call :func:`order_from_dataset`; nothing else turns a dataset into an item.
 """
 
 from __future__ import annotations
@@ -254,10 +258,6 @@ def _stored(text: str) -> tuple[Dataset, dict[int, Any]]:
         # A value the columns could not take: it was never in the columns either.
         order = Order(OrderControl.NEW, PatientData(""), ProcedureData(""))
     return ds, _column_attributes(order.patient, order.procedure, None)
-
-
-def dataset_from_json(text: str) -> Dataset:
-    return ItemView(_stored(text)[0], {}, {}).to_dataset()
 
 
 # --- dataset -> order -----------------------------------------------------------------------
