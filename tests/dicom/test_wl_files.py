@@ -183,6 +183,21 @@ def test_dataset_json_keeps_numbers_as_written():
     assert '"Value":["70"]' in dataset_json(ds) and '"Value":["1.80"]' in dataset_json(ds)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the broken file
+def test_worker_processes_read_a_large_folder_the_same_way(tmp_path, sqlite_store):
+    """A large folder is read by worker processes (forced here on a small one)."""
+    files = dcmtk_examples(tmp_path / "wl")
+    (tmp_path / "wl" / "zz_broken.wl").write_bytes(b"not dicom at all")
+    result = import_worklist(sqlite_store, tmp_path / "wl", uid_root="1.2.3", workers=2,
+                             batch_size=3)
+    assert (result.imported, [name for name, _ in result.refused]) == (len(files),
+                                                                        ["zz_broken.wl"])
+    with sqlite_store.reading() as s:
+        station = s.scalars(select(WorklistItem.scheduled_station_ae_title)
+                            .where(WorklistItem.accession_number == "00000")).one()
+    assert station == "AA32\\AA33"
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on the broken files
 def test_a_broken_file_is_reported_by_name_and_the_rest_imported(tmp_path, store):
     files = dcmtk_examples(tmp_path / "wl")
