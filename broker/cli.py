@@ -236,24 +236,45 @@ def _printable(message: bytes) -> str:
     return message.decode("utf-8", errors="replace").replace("\r", "\n").rstrip("\n")
 
 
+@contextmanager
+def _progress(what: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal (tqdm: small, no dependencies of its own, writes to
+    stderr so that stdout stays the result); nothing when stderr is not a terminal, where the
+    command prints one summary line instead."""
+    if not sys.stderr.isatty():
+        yield lambda _done: None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit=" files", desc=what, file=sys.stderr, leave=False) as bar:
+        yield bar.update
+
+
 def _worklist_files(args: argparse.Namespace) -> int:
-    from broker.dicom.wl_files import export_worklist, import_worklist
+    import time
+
+    from broker.dicom.wl_files import count_files, export_worklist, import_worklist
 
     directory = Path(args.directory)
+    started = time.perf_counter()
     with _store(args) as (config, store):
         if args.command == "export-wl":
-            count = export_worklist(store, directory)
-            print(f"wrote {count} worklist files to {directory}")
+            with _progress("export-wl", None) as progress:
+                count = export_worklist(store, directory, progress=progress)
+            seconds = time.perf_counter() - started
+            print(f"wrote {count} worklist files to {directory} in {seconds:.1f} s "
+                  f"({count / max(seconds, 1e-6):.0f} files/s)")
             return 0
         if not directory.is_dir():
             raise CommandError(f"no folder {directory}")
-        result = import_worklist(store, directory, uid_root=config.uid_root)
-    print(f"imported {result.imported} worklist files from {directory}")
-    if result.with_unstored_attributes:
-        print(f"note: {result.with_unstored_attributes} of them carried attributes the broker "
-              "does not store (they are not kept)")
+        with _progress("import-wl", count_files(directory)) as progress:
+            result = import_worklist(store, directory, uid_root=config.uid_root,
+                                     progress=progress)
+    rate = result.imported / max(result.seconds, 1e-6)
+    print(f"imported {result.imported} worklist files from {directory} in "
+          f"{result.seconds:.1f} s ({rate:.0f} files/s), {len(result.refused)} not imported")
     for name, reason in result.refused:
-        print(f"not imported: {name}: {reason}")
+        print(f"not imported: {name}: {reason}", file=sys.stderr)
     return 0 if not result.refused else EXIT_FAILURE
 
 

@@ -61,6 +61,7 @@ class ProcedureData:
     sps_id: str | None = None
     sps_description: str | None = None
     modality: str | None = None
+    # Several stations (VM 1-n) joined by "\\", as DICOM encodes them.
     scheduled_station_ae_title: str | None = None
     scheduled_start: dt.datetime | None = None
     referring_physician_name: str | None = None
@@ -70,6 +71,11 @@ class ProcedureData:
     scheduled_performing_physician_name: str | None = None  # DICOM PN
     scheduled_station_name: str | None = None
     requested_procedure_priority: str | None = None  # STAT, HIGH, ROUTINE, MEDIUM, LOW
+    # Every other attribute the item was given (Allergies, Medical Alerts, Pregnancy Status,
+    # Scheduled Procedure Step Location, private attributes...), or a worklist file's whole
+    # dataset, as DICOM JSON (PS3.18 F): built and read by broker/dicom/wl_files.py. An
+    # order's attributes are merged into the stored ones, the order's winning.
+    item_dataset: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

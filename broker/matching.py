@@ -16,8 +16,10 @@ One function per matching type, after pynetdicom's ``apps/qrscp/db.py``:
 - sequence matching (C.2.2.2.6): the broker keeps one item per sequence (one scheduled step,
   one requested procedure code), so the keys of the request's item are matched against it.
 
-Every attribute the broker stores is a matching key; every other key is matched universally
-(it never fails a query), see docs/worklist-matching.md.
+Every attribute the broker keeps in a column is a matching key (Scheduled Station AE Title with
+all its values, :func:`match_multi_valued`); every other key, the attributes kept only in the
+item's dataset included, is matched universally (it never fails a query), see
+docs/worklist-matching.md.
 
 Every filter is pushed into the one SQL statement :func:`find_worklist` runs; nothing loops over
 rows in Python. This module knows nothing of pydicom: the DICOM edge reads the identifier into
@@ -182,6 +184,49 @@ def match_uid_list(column: Column, value: str | None) -> Condition | None:
     if not uids:
         return None
     return column == uids[0] if len(uids) == 1 else column.in_(uids)
+
+
+def _value_regex(value: str, *, wildcards: bool) -> str:
+    """One key value as a regular expression over one of the ``\\``-separated values of a
+    stored multi-valued attribute."""
+    out = []
+    for ch in value:
+        if wildcards and ch == "*":
+            out.append(r"[^\\]*")
+        elif wildcards and ch == "?":
+            out.append(r"[^\\]")
+        elif ch in _REGEX_SPECIAL:
+            out.append("\\" + ch)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def match_multi_valued(column: Column, value: str | None, *, dialect: str,
+                       wildcards: bool = True) -> Condition | None:
+    """A key on an attribute the broker stores with all its values joined by ``\\``
+    (Scheduled Station AE Title, VM 1-n): it matches if any stored value matches any value
+    of the key, as a single-valued attribute would (single value or wild card, case-
+    sensitive); ``wildcards=False`` compares literally (a site policy's own AE title).
+
+    Most items hold one value: the plain comparison comes first and uses the index; only an
+    item holding several values is searched value by value.
+    """
+    if value is None:
+        return None
+    if wildcards:
+        single = match_text(column, value, dialect=dialect)
+        if single is None:
+            return None  # universal
+    else:
+        single = column == value
+    parts = [part for part in value.split("\\") if part]
+    if not parts:
+        return single
+    alternatives = "|".join(_value_regex(part, wildcards=wildcards) for part in parts)
+    several = column.contains("\\", autoescape=True)
+    return or_(single, several & _regex(column, rf"(^|\\)({alternatives})(\\|$)",
+                                        dialect=dialect, case_insensitive=False))
 
 
 # --- person names -----------------------------------------------------------------------
@@ -439,6 +484,7 @@ _COLUMNS = (
     WorklistItem.scheduled_performing_physician_name,
     WorklistItem.scheduled_station_name,
     WorklistItem.requested_procedure_priority,
+    WorklistItem.item_dataset,
 )
 
 
@@ -462,8 +508,6 @@ _TEXT_KEYS: tuple[tuple[str, str, Column], ...] = (
     ("requested_procedure_code_meaning", "Requested Procedure Code Meaning",
      WorklistItem.requested_procedure_code_meaning),
     ("modality", "Modality", WorklistItem.modality),
-    ("scheduled_station_ae_title", "Scheduled Station AE Title",
-     WorklistItem.scheduled_station_ae_title),
     ("sps_id", "Scheduled Procedure Step ID", WorklistItem.sps_id),
     ("sps_description", "Scheduled Procedure Step Description", WorklistItem.sps_description),
     ("scheduled_station_name", "Scheduled Station Name", WorklistItem.scheduled_station_name),
@@ -535,6 +579,12 @@ def keyed_conditions(query: WorklistQuery, dialect: str) -> list[KeyCondition]:
                                       case_insensitive=not query.names_case_sensitive)
         if condition is not None:
             found.append(KeyCondition(field, key, value, condition, column))
+    station = match_multi_valued(WorklistItem.scheduled_station_ae_title,
+                                 query.scheduled_station_ae_title, dialect=dialect)
+    if station is not None:
+        found.append(KeyCondition("scheduled_station_ae_title", "Scheduled Station AE Title",
+                                  query.scheduled_station_ae_title or "", station,
+                                  WorklistItem.scheduled_station_ae_title))
     birth = match_date(Patient.birth_date, query.patient_birth_date)
     if birth:
         found.append(KeyCondition("patient_birth_date", "Patient's Birth Date",
@@ -546,7 +596,10 @@ def keyed_conditions(query: WorklistQuery, dialect: str) -> list[KeyCondition]:
                                   query.study_instance_uid or "", uid,
                                   WorklistItem.study_instance_uid))
     if query.scope_station is not None:
-        own: Condition = WorklistItem.scheduled_station_ae_title == query.scope_station
+        # A step schedulable on several stations belongs to each of them.
+        own = match_multi_valued(WorklistItem.scheduled_station_ae_title, query.scope_station,
+                                 dialect=dialect, wildcards=False)
+        assert own is not None  # a calling AE title is never empty
         asked = query.scope_station
         if query.scope_modality is not None:
             own = or_(own, (WorklistItem.scheduled_station_ae_title.is_(None)
@@ -614,6 +667,7 @@ def _row(values: Any) -> WorklistRow:
             scheduled_performing_physician_name=values.scheduled_performing_physician_name,
             scheduled_station_name=values.scheduled_station_name,
             requested_procedure_priority=values.requested_procedure_priority,
+            item_dataset=values.item_dataset,
         ),
         status=ItemStatus(values.status),
     )

@@ -24,6 +24,10 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+# Scheduled Station AE Title: up to 64 stations of 16 characters with their separators.
+STATIONS_LENGTH = 64 * 17
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -62,13 +66,19 @@ class WorklistItem(Base):
     scheduled_station_name: Mapped[str | None] = mapped_column(String(16))
     requested_procedure_priority: Mapped[str | None] = mapped_column(String(16))
     modality: Mapped[str | None] = mapped_column(String(16))
-    scheduled_station_ae_title: Mapped[str | None] = mapped_column(String(16))
+    # Every value of Scheduled Station AE Title (VM 1-n), joined by "\\" as DICOM encodes
+    # them: a step schedulable on several stations (widened by 0006_item_dataset).
+    scheduled_station_ae_title: Mapped[str | None] = mapped_column(String(STATIONS_LENGTH))
     scheduled_start: Mapped[dt.datetime | None] = mapped_column(DateTime)
     referring_physician_name: Mapped[str | None] = mapped_column(String(324))
     requesting_physician: Mapped[str | None] = mapped_column(String(324))
     placer_order_number: Mapped[str | None] = mapped_column(String(64))
     filler_order_number: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))
+    # Every attribute the item was given (a worklist file's dataset, an order's mapped
+    # attributes), as DICOM JSON (PS3.18 F): what no column holds reaches the modality from
+    # here, merged in by the renderer (broker/dicom/worklist.py). Added by 0006_item_dataset.
+    item_dataset: Mapped[str | None] = mapped_column(Text)
     last_message_control_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 
 from broker.domain import Order, OrderControl, PatientData, ProcedureData
 from broker.errors import ConfigError, InvalidOrder, UnsupportedMessage
@@ -75,8 +76,38 @@ TARGETS: dict[str, Target] = {
         "procedure", "scheduled_start", "TM"),
 }
 
+# Value representations the mapping can fill in the item's dataset (text from HL7 fields).
+_DATASET_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH",
+                          "ST", "TM", "UC", "UI", "UR", "UT", "US"})
+
+
+def dataset_target(keyword: str) -> Target | None:
+    """Any other DICOM attribute, top level or in a sequence's item (``Sequence.Keyword``):
+    kept in the item's dataset (Allergies, Patient's Weight, Current Patient Location...)."""
+    parts = keyword.split(".")
+    if len(parts) > 2:
+        return None
+    vr = ""
+    for index, part in enumerate(parts):
+        tag = tag_for_keyword(part)
+        if tag is None:
+            return None
+        vr = dictionary_VR(tag).split(" or ")[0]
+        if index < len(parts) - 1 and vr != "SQ":
+            return None
+    if vr not in _DATASET_VRS:
+        return None
+    return Target("dataset", keyword, vr)
+
+
+def _multi_valued(keyword: str) -> bool:
+    tag = tag_for_keyword(keyword.rsplit(".", 1)[-1])
+    return tag is not None and dictionary_VM(tag) != "1"
+
+
 # PS3.5 table 6.2-1 maximum lengths.
-_MAX_LENGTH = {"LO": 64, "SH": 16, "CS": 16, "AE": 16, "UI": 64}
+_MAX_LENGTH = {"LO": 64, "SH": 16, "CS": 16, "AE": 16, "UI": 64, "DS": 16, "IS": 12,
+               "LT": 10240, "ST": 1024, "AS": 4, "DT": 26}
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,4})?([+-]\d{4})?$")
 # HL7 XPN: family^given^middle^suffix^prefix^degree; XCN: id^family^given^middle^suffix^prefix.
@@ -111,6 +142,21 @@ class Rule:
     transforms: tuple[str, ...] = ()
     truncate: bool = False
     date_format: str | None = None
+    # Every value (every repetition, in every such segment), for a multi-valued attribute.
+    all_values: bool = False
+    # Only segments where, for one of these alternatives, every path holds one of its values
+    # (case-insensitive): OBX-5 where OBX-3 is the body weight.
+    where: tuple[tuple[tuple[FieldPath, frozenset[str]], ...], ...] = ()
+
+    def describe_source(self) -> str:
+        text = " | ".join(str(p) for p in self.sources) or "constant"
+        if self.where:
+            text += " where " + " or ".join(
+                " and ".join(f"{path}={'/'.join(sorted(values))}" for path, values in group)
+                for group in self.where)
+        if self.all_values and self.sources:
+            text += f" (every {self.sources[0].segment}, every repetition)"
+        return text
 
 
 _TRANSFORMS = {
@@ -120,15 +166,15 @@ _TRANSFORMS = {
     "collapse_spaces": lambda text: " ".join(text.split()),
 }
 _OPTIONS = {"from", "required", "format", "default", "table", "transform", "truncate",
-            "date_format"}
+            "date_format", "all", "where"}
 
 
 def _read_rule(keyword: str, spec: Any, where: str,
                tables: dict[str, dict[str, str]] | None = None) -> Rule:
-    target = TARGETS.get(keyword)
+    target = TARGETS.get(keyword) or dataset_target(keyword)
     if target is None:
-        raise ConfigError(f"{where}: {keyword!r} is not a DICOM attribute the broker stores "
-                          f"(one of: {', '.join(TARGETS)})")
+        raise ConfigError(f"{where}: {keyword!r} is not a DICOM attribute keyword (or "
+                          "Sequence.Keyword) of a text value the mapping can fill")
     if isinstance(spec, str | list):
         spec = {"from": spec}
     if not isinstance(spec, dict):
@@ -167,10 +213,46 @@ def _read_rule(keyword: str, spec: Any, where: str,
     date_format = spec.get("date_format")
     if date_format is not None and target.vr not in ("DA", "TM"):
         raise ConfigError(f"{where}: {keyword}: 'date_format' applies to dates and times only")
+    all_values = bool(spec.get("all", False))
+    if all_values and (target.part != "dataset" or not _multi_valued(keyword)):
+        raise ConfigError(f"{where}: {keyword}: 'all' applies to multi-valued attributes the "
+                          "broker keeps in the item's dataset only")
+    conditions = _read_where(spec.get("where"), f"{where}: {keyword}")
+    if (all_values or conditions) and len({p.segment for p in paths}) != 1:
+        raise ConfigError(f"{where}: {keyword}: with 'all' or 'where', every path of 'from' "
+                          "reads the same segment")
+    if conditions and any(path.segment != paths[0].segment
+                          for group in conditions for path, _ in group):
+        raise ConfigError(f"{where}: {keyword}: 'where' reads the segment of 'from' "
+                          f"({paths[0].segment})")
     return Rule(keyword, target, paths, bool(spec.get("required", False)), name_format,
                 None if default is None else str(default), table, tuple(transforms),
                 bool(spec.get("truncate", False)),
-                None if date_format is None else str(date_format))
+                None if date_format is None else str(date_format), all_values, conditions)
+
+
+def _read_where(spec: Any, where: str) -> tuple[tuple[tuple[FieldPath, frozenset[str]], ...],
+                                                ...]:
+    """``where: {OBX-3.1: [3141-9, 29463-7], OBX-6.1: kg}`` (every path matches), or a list
+    of such mappings (any of them matches)."""
+    if spec is None:
+        return ()
+    groups = spec if isinstance(spec, list) else [spec]
+    out = []
+    for group in groups:
+        if not isinstance(group, dict) or not group:
+            raise ConfigError(f"{where}: 'where' is a mapping of field path: value(s), or a "
+                              "list of them")
+        conditions = []
+        for path_text, values in group.items():
+            try:
+                path = parse_path(str(path_text))
+            except ValueError as exc:
+                raise ConfigError(f"{where}: where: {exc}") from None
+            values = values if isinstance(values, list) else [values]
+            conditions.append((path, frozenset(str(v).upper() for v in values)))
+        out.append(tuple(conditions))
+    return tuple(out)
 
 
 @dataclass(slots=True)
@@ -206,14 +288,19 @@ class Mapping:
             order = self.to_order(view)
             rows = []
             for rule in self._rules_for(view):
+                if rule.target.part == "dataset":
+                    found = self._values(view, [rule])["dataset"].get(rule.keyword)
+                    shown = "\\".join(str(v) for v in found) if found is not None else ""
+                    rows.append((rule.keyword, shown, rule.describe_source()))
+                    continue
                 part = order.patient if rule.target.part == "patient" else order.procedure
                 value = getattr(part, rule.target.name)
                 if isinstance(value, dt.datetime):
                     value = value.strftime("%Y%m%d" if rule.target.vr == "DA" else "%H%M%S")
                 elif isinstance(value, dt.date):
                     value = value.strftime("%Y%m%d")
-                source = " | ".join(str(p) for p in rule.sources) or "constant"
-                rows.append((rule.keyword, "" if value is None else str(value), source))
+                rows.append((rule.keyword, "" if value is None else str(value),
+                             rule.describe_source()))
             described.append((order, rows))
         return described
 
@@ -256,15 +343,22 @@ class Mapping:
         values = self._values(message, rules)
         values["patient"].setdefault("patient_id", "")
         values["procedure"].setdefault("accession_number", "")
+        if values["dataset"]:
+            values["procedure"]["item_dataset"] = _item_dataset(values["dataset"], rules)
         return Order(control, PatientData(**values["patient"]),
                      ProcedureData(**values["procedure"]), message_control_id=message.control_id,
                      order_status=message.get(_ORDER_STATUS_PATH))
 
     def _values(self, message: ParsedMessage, rules: Any) -> dict[str, dict[str, Any]]:
-        values: dict[str, dict[str, Any]] = {"patient": {}, "procedure": {}}
+        values: dict[str, dict[str, Any]] = {"patient": {}, "procedure": {}, "dataset": {}}
         start_date: dt.date | None = None
         start_time: dt.time | None = None
         for rule in rules:
+            if rule.target.part == "dataset":
+                found = _dataset_values(message, rule)
+                if found:
+                    values["dataset"][rule.keyword] = found
+                continue
             text, location = _first_value(message, rule)
             if text is None:
                 if rule.required:
@@ -286,19 +380,109 @@ class Mapping:
         return values
 
 
+def _text_at(message: ParsedMessage, path: FieldPath, rule: Rule) -> str:
+    if rule.target.vr == "PN" and path.component is None:
+        components = message.components(path)
+        order = _NAME_ORDER[rule.name_format]
+        picked = [components[i] if i < len(components) else "" for i in order]
+        return "^".join(picked).rstrip("^")
+    return message.get(path) or ""
+
+
 def _first_value(message: ParsedMessage, rule: Rule) -> tuple[str | None, str]:
     for path in rule.sources:
-        if rule.target.vr == "PN" and path.component is None:
-            components = message.components(path)
-            order = _NAME_ORDER[rule.name_format]
-            picked = [components[i] if i < len(components) else "" for i in order]
-            text = "^".join(picked).rstrip("^")
-        else:
-            text = message.get(path) or ""
+        text = _text_at(message, path, rule)
         if text.strip():
             return text, str(path)
     first = str(rule.sources[0]) if rule.sources else rule.keyword
     return rule.default, first
+
+
+def _where(view: ParsedMessage, rule: Rule) -> bool:
+    return not rule.where or any(
+        all((view.get(path) or "").strip().upper() in values for path, values in group)
+        for group in rule.where)
+
+
+def _texts(view: ParsedMessage, path: FieldPath, rule: Rule) -> list[str]:
+    """The value at ``path``, or with ``all`` every repetition's (unless the path picks one)."""
+    picks_one = path.any_repetition or path.where is not None or path.repetition != 1
+    if not rule.all_values or picks_one:
+        text = _text_at(view, path, rule)
+        return [text] if text.strip() else []
+    found = []
+    for number in range(1, view.repetition_count(path) + 1):
+        text = _text_at(view, replace(path, repetition=number), rule)
+        if text.strip():
+            found.append(text)
+    return found
+
+
+def _dataset_values(message: ParsedMessage, rule: Rule) -> list[Any]:
+    """A dataset attribute's values, converted: the first one found, or with ``all`` every
+    one (every segment of that name, every repetition; per segment the first path of
+    ``from`` that has a value). ``where`` keeps only the segments it describes."""
+    if not rule.all_values and not rule.where:
+        text, location = _first_value(message, rule)
+        return [] if text is None else [_dicom_text(rule, text, location)]
+    found: list[Any] = []
+    for view in message.segment_views(rule.sources[0].segment):
+        if not _where(view, rule):
+            continue
+        for path in rule.sources:
+            texts = _texts(view, path, rule)
+            if texts:
+                found.extend(_dicom_text(rule, text, str(path)) for text in texts)
+                break
+        if found and not rule.all_values:
+            break
+    if not found and rule.default is not None:
+        found.append(_dicom_text(rule, rule.default, rule.keyword))
+    return found
+
+
+def _dicom_text(rule: Rule, text: str, location: str) -> Any:
+    """A value for the item's dataset: as :func:`_convert` reads it, in DICOM's form."""
+    value = _convert(rule, text, location)
+    vr, keyword = rule.target.vr, rule.keyword.rsplit(".", 1)[-1]
+    if isinstance(value, dt.date):
+        return value.strftime("%Y%m%d")
+    if isinstance(value, dt.time):
+        return value.strftime("%H%M%S")
+    try:
+        if vr == "DS":
+            float(value)
+        elif vr in ("IS", "US"):
+            number = int(value)
+            if vr == "US" and not 0 <= number <= 65535:
+                raise ValueError(value)
+            return number if vr == "US" else str(number)
+    except ValueError:
+        raise InvalidOrder(f"{location} {keyword} {value!r} is not a number ({vr})",
+                           location=location, attribute=rule.keyword,
+                           code=DATA_TYPE_ERROR) from None
+    return value
+
+
+def _item_dataset(values: dict[str, list[Any]], rules: Any) -> str:
+    """The mapped dataset attributes as the item keeps them (broker.dicom.wl_files)."""
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+
+    from broker.dicom.wl_files import dataset_json
+
+    vrs = {rule.keyword: rule.target.vr for rule in rules}
+    ds = Dataset()
+    for keyword, found in values.items():
+        *sequence, name = keyword.split(".")
+        target = ds
+        if sequence:
+            if sequence[0] not in ds:
+                setattr(ds, sequence[0], [Dataset()])
+            target = getattr(ds, sequence[0])[0]
+        tag = tag_for_keyword(name)
+        target.add(DataElement(tag, vrs[keyword], found[0] if len(found) == 1 else found))
+    return dataset_json(ds)
 
 
 def _timestamp(text: str, location: str, keyword: str) -> re.Match[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from hl7_listener.mapping import Mapping
+from hl7_listener.mapping import TARGETS, Mapping
 from hl7_listener.message import parse
 from hl7_listener.samples import render_sample
 
@@ -50,7 +50,9 @@ def mapping_report(mapping: Mapping, raw: bytes) -> MappingReport:
         # The warnings the ACK would carry first, then every other empty attribute.
         warnings = mapping.warnings(message, [order])
         warnings += [f"{keyword} is empty ({source})" for keyword, value, source in rows
-                     if not value and keyword != "StudyInstanceUID"
+                     # The item's other attributes (allergies, weight...) come only when the
+                     # RIS has them: their absence is no news.
+                     if not value and keyword != "StudyInstanceUID" and keyword in TARGETS
                      and not (warnings and "ScheduledProcedureStepStart" in keyword)]
         if not order.procedure.study_instance_uid:
             warnings.append("StudyInstanceUID: none sent; one is generated under uid_root")

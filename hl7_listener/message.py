@@ -333,6 +333,20 @@ class ParsedMessage:
                 views.append(ParsedMessage(self.delimiters, self.codec, self.segments, scope))
         return views
 
+    def segment_views(self, name: str) -> list[ParsedMessage]:
+        """One view per segment called ``name`` in scope (the item's own first, then the
+        header's), each reading that segment only: every AL1 of a message, every OBX."""
+        indexes = self.scope if self.scope is not None else range(len(self.segments))
+        return [ParsedMessage(self.delimiters, self.codec, self.segments, (index,))
+                for index in indexes if self.segments[index][0] == name]
+
+    def repetition_count(self, path: FieldPath) -> int:
+        """How many repetitions the field at ``path`` has (0 when absent)."""
+        fields = self.segment_fields(path.segment)
+        if fields is None or path.field >= len(fields):
+            return 0
+        return len(fields[path.field] or [])
+
     def segment_names(self) -> list[str]:
         return [name for name, _ in self.segments]
 

@@ -223,3 +223,35 @@ def test_the_orthanc_revision_creates_its_tables_or_finds_them(sqlite_store, tab
             assert columns == set(Base.metadata.tables[table].columns.keys())
             indexes = {i["name"] for i in inspect(conn).get_indexes(table)}
             assert indexes >= {i.name for i in Base.metadata.tables[table].indexes}
+
+
+def test_a_database_at_0002_gets_item_datasets_and_wide_station_titles(store):
+    """Revision 0006_item_dataset from the shape 0002_step_keys left, rows kept."""
+    with store.writing() as s:
+        apply_order(s, Order(OrderControl.NEW, PatientData("P1", patient_name="DOE^JANE"),
+                             ProcedureData("ACC1", modality="CT",
+                                           scheduled_station_ae_title="CT01")),
+                    uid_root="1.2.3")
+    with store.write_engine.begin() as conn:
+        conn.execute(text("ALTER TABLE worklist_item DROP COLUMN item_dataset"))
+        if store.backend == "postgresql":
+            conn.execute(text("ALTER TABLE worklist_item ALTER COLUMN "
+                              "scheduled_station_ae_title TYPE VARCHAR(16)"))
+        conn.execute(text("UPDATE alembic_version SET version_num = '0002_step_keys'"))
+    assert "item_dataset" not in _columns(store)
+
+    store.create_schema()
+
+    assert "item_dataset" in _columns(store)
+    assert _version(store) == head()
+    two = "CT_ROOM_NUMBER01\\CT_ROOM_NUMBER02"  # longer than the 16 characters of 0002
+    with store.writing() as s:
+        apply_order(s, Order(OrderControl.NEW, PatientData("P1"), ProcedureData(
+            "ACC2", scheduled_station_ae_title=two, item_dataset='{"00102110":{"vr":"LO",'
+            '"Value":["LATEX"]}}')), uid_root="1.2.3")
+    with store.reading() as s:
+        rows = s.execute(text("SELECT accession_number, scheduled_station_ae_title, "
+                              "item_dataset FROM worklist_item ORDER BY accession_number")).all()
+    assert [tuple(r) for r in rows] == [
+        ("ACC1", "CT01", None), ("ACC2", two, '{"00102110":{"vr":"LO","Value":["LATEX"]}}')]
+    store.create_schema()  # idempotent

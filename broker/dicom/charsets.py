@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 Unencodable = Literal["transliterate", "replace"]
 _TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
@@ -76,3 +77,6 @@ def _recode(dataset: Dataset, codec: str, rule: Unencodable) -> None:
                 element.value = _fit(str(element.value), codec, rule)
             elif isinstance(element.value, str):
                 element.value = _fit(element.value, codec, rule)
+            elif isinstance(element.value, MultiValue | list):
+                # Several values (Allergies): each made to fit; a new list, as for the others.
+                element.value = [_fit(str(value), codec, rule) for value in element.value]

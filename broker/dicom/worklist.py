@@ -8,20 +8,32 @@ attribute the broker does not know still gets its answers.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import Dataset, config
+from pydicom.charset import convert_encodings
 from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
+from broker.dicom.charsets import Unencodable, codec_for, recode
+from broker.dicom.wl_files import SPS_STATUS_TERMS, ItemView, item_view, text_bytes
 from broker.domain import ItemStatus, WorklistRow
 from broker.matching import WorklistQuery
+
+__all__ = ["SPS_STATUS_TERMS", "answer_encoder", "query_from_identifier", "render_response",
+           "response_renderer"]
+
+# Text value representations, encoded once per answer (_LONG_TEXT_VRS may exceed 64 KiB).
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                       "TM", "UC", "UI", "UR", "UT"})
+_LONG_TEXT_VRS = frozenset({"UC", "UR", "UT"})
 
 # Values are stored as Unicode, so every response declares UTF-8 (PS3.3 C.12.1.1.2).
 RESPONSE_CHARACTER_SET = "ISO_IR 192"
@@ -66,16 +78,6 @@ PRIORITY = _tag("RequestedProcedurePriority")
 SPS_LOCATION = _tag("ScheduledProcedureStepLocation")
 PRE_MEDICATION = _tag("PreMedication")
 CONTRAST_AGENT = _tag("RequestedContrastAgent")
-
-# Scheduled Procedure Step Status (0040,0020) defined terms (PS3.3 C.4.10). The broker's
-# IN PROGRESS is the modality's STARTED; DICOM spells CANCELED with one L.
-SPS_STATUS_TERMS: dict[ItemStatus, str] = {
-    ItemStatus.SCHEDULED: "SCHEDULED",
-    ItemStatus.IN_PROGRESS: "STARTED",
-    ItemStatus.COMPLETED: "COMPLETED",
-    ItemStatus.DISCONTINUED: "DISCONTINUED",
-    ItemStatus.CANCELLED: "CANCELED",
-}
 
 # The keys that become filters, at the top level and in the single item of a sequence key:
 # every attribute the broker stores (docs/worklist-matching.md).
@@ -190,59 +192,16 @@ def query_from_identifier(identifier: Dataset, *, max_matches: int,
 
 # --- row -> response --------------------------------------------------------------------
 
-def _date(value: dt.date | None) -> str | None:
-    return value.strftime("%Y%m%d") if value is not None else None
-
-
-def _row_attributes(row: WorklistRow) -> dict[int, Any]:
-    """Everything a row can answer, keyed by tag; sequences are lists of such dicts."""
-    patient, procedure = row.patient, row.procedure
-    start = procedure.scheduled_start
-    step = {
-        MODALITY: procedure.modality,
-        STATION_AE_TITLE: procedure.scheduled_station_ae_title,
-        SPS_START_DATE: _date(start),
-        SPS_START_TIME: start.strftime("%H%M%S") if start is not None else None,
-        SPS_ID: procedure.sps_id,
-        SPS_DESCRIPTION: procedure.sps_description,
-        SPS_STATUS: SPS_STATUS_TERMS.get(row.status),  # HELD has no DICOM term: empty
-        PERFORMING_PHYSICIAN: procedure.scheduled_performing_physician_name,
-        STATION_NAME: procedure.scheduled_station_name,
-    }
-    codes = []
-    if procedure.requested_procedure_code_value:
-        codes.append({
-            CODE_VALUE: procedure.requested_procedure_code_value,
-            CODING_SCHEME: procedure.requested_procedure_code_scheme,
-            CODE_MEANING: procedure.requested_procedure_code_meaning,
-        })
-    return {
-        PATIENT_NAME: patient.patient_name,
-        PATIENT_ID: patient.patient_id,
-        ISSUER_OF_PATIENT_ID: patient.issuer_of_patient_id,
-        PATIENT_BIRTH_DATE: _date(patient.birth_date),
-        PATIENT_SEX: patient.sex,
-        ACCESSION_NUMBER: procedure.accession_number,
-        REFERRING_PHYSICIAN: procedure.referring_physician_name,
-        REQUESTING_PHYSICIAN: procedure.requesting_physician,
-        STUDY_INSTANCE_UID: procedure.study_instance_uid,
-        REQUESTED_PROCEDURE_ID: procedure.requested_procedure_id,
-        REQUESTED_PROCEDURE_DESCRIPTION: procedure.requested_procedure_description,
-        PRIORITY: procedure.requested_procedure_priority,
-        CODE_SEQUENCE: codes,
-        PLACER_ORDER: procedure.placer_order_number,
-        FILLER_ORDER: procedure.filler_order_number,
-        SPS_SEQUENCE: [step],
-    }
-
-
 @dataclass(frozen=True, slots=True)
 class _Key:
-    """One key of the response: a plain attribute, or a sequence rendered from ``item``."""
+    """One key of the response: a plain attribute, or a sequence rendered from ``item`` (the
+    request item's keys) or, when ``whole``, returned whole with ``item`` as the attributes
+    to return empty where the stored item lacks them."""
 
     tag: int
     vr: str
     item: tuple[_Key, ...] | None = None
+    whole: bool = False
 
 
 def _plain(tag: int, vr: str) -> _Key:
@@ -250,9 +209,8 @@ def _plain(tag: int, vr: str) -> _Key:
 
 
 # What a zero-length sequence key (or one with an empty item) returns: the whole item
-# (PS3.4 C.2.2.2.6, K.2.2.1.2 note 4), that is every Type 1, 1C, 2 and 2C attribute of
-# PS3.4 table K.6-1 for it (empty when the broker does not keep it) and the Type 3 ones the
-# broker keeps.
+# (PS3.4 C.2.2.2.6, K.2.2.1.2 note 4), that is every attribute the item holds, and every
+# Type 1, 1C, 2 and 2C attribute of PS3.4 table K.6-1 for it, empty when the item has none.
 _FULL_ITEMS: dict[int, tuple[_Key, ...]] = {
     SPS_SEQUENCE: (
         _plain(MODALITY, "CS"), _plain(STATION_AE_TITLE, "AE"), _plain(SPS_START_DATE, "DA"),
@@ -278,25 +236,58 @@ def _plan(template: Dataset) -> tuple[_Key, ...]:
             # without their private creator would make an ill-formed dataset.
             continue
         vr = element.VR.split(" or ")[0]
+        # Plain ints: pydicom's tag type compares slowly, and these are looked up per match.
         if vr != "SQ":
-            keys.append(_Key(tag, vr))
+            keys.append(_Key(int(tag), vr))
             continue
         items = element.value
         if items and len(items[0]) > 0:
-            keys.append(_Key(tag, vr, _plan(items[0])))
+            keys.append(_Key(int(tag), vr, _plan(items[0])))
         else:
-            keys.append(_Key(tag, vr, _FULL_ITEMS.get(tag, ())))
+            keys.append(_Key(int(tag), vr, _FULL_ITEMS.get(int(tag), ()), whole=True))
     return tuple(keys)
 
 
-def _emit(keys: Sequence[_Key], values: Mapping[int, Any]) -> Dataset:
+def _whole(item: ItemView, required: Sequence[_Key]) -> Dataset:
+    """A stored sequence item as it is, with the attributes a zero-length key must return
+    added empty where it has none."""
+    out = Dataset()
+    for tag in item.tags():
+        if item.is_sequence(tag):
+            out.add(DataElement(tag, "SQ", [_whole(inner, ()) for inner in item.items(tag)]))
+            continue
+        found = item.value(tag)
+        if found is not None:
+            # Values are replaced, never changed in place (charsets.recode too): the new
+            # element may share the kept one's value.
+            vr, value, converted = found
+            out.add(DataElement(tag, vr, value, already_converted=converted,
+                                validation_mode=config.IGNORE))
+    for key in required:
+        if key.tag not in out:
+            out.add(DataElement(key.tag, key.vr, None))
+    return out
+
+
+def _emit(keys: Sequence[_Key], source: ItemView) -> Dataset:
     out = Dataset()
     for key in keys:
         if key.item is None:
-            out.add(DataElement(key.tag, key.vr, values.get(key.tag)))
+            found = None if source.is_sequence(key.tag) else source.value(key.tag)
+            if found is None:
+                out.add(DataElement(key.tag, key.vr, None))
+            else:
+                vr, value, converted = found
+                # The store's values were checked when they came in.
+                out.add(DataElement(key.tag, vr, value, already_converted=converted,
+                                    validation_mode=config.IGNORE))
+            continue
+        items = source.items(key.tag) if source.is_sequence(key.tag) else []
+        if key.whole:
+            rendered = [_whole(item, key.item) for item in items]
         else:
-            items = values.get(key.tag) or ()
-            out.add(DataElement(key.tag, "SQ", [_emit(key.item, item) for item in items]))
+            rendered = [_emit(key.item, item) for item in items]
+        out.add(DataElement(key.tag, "SQ", rendered))
     return out
 
 
@@ -309,18 +300,88 @@ def response_renderer(identifier: Dataset) -> Callable[[WorklistRow], Dataset]:
     keys = _plan(identifier)
 
     def render(row: WorklistRow) -> Dataset:
-        response = _emit(keys, _row_attributes(row))
+        response = _emit(keys, item_view(row))
         response.SpecificCharacterSet = RESPONSE_CHARACTER_SET
         return response
 
     return render
 
 
+# --- answers encoded once per query shape -----------------------------------------------
+
+# Encoded answers kept, by query shape, item and character set. An item that changes is a
+# different row, so a different key: the old answer is never served, it ages out.
+_ANSWER_CACHE_SIZE = 20_000
+_answers: OrderedDict[tuple[Any, ...], Dataset] = OrderedDict()
+_answers_lock = threading.Lock()
+
+
+def _frozen(response: Dataset, codec: str, encodings: list[str],
+            syntax: tuple[bool, bool]) -> Dataset:
+    """The response with its text values encoded once: raw elements, which pydicom writes as
+    they are when the dataset says it is already in the association's transfer syntax and
+    character set (else it decodes them all again). Numbers and binary values stay for
+    pydicom to encode."""
+    out = Dataset(parent_encoding=encodings)
+    out.set_original_encoding(*syntax, encodings)
+    for element in response:
+        if element.VR == "SQ":
+            out.add(DataElement(element.tag, "SQ", [_frozen(item, codec, encodings, syntax)
+                                                     for item in element.value]))
+            continue
+        data = text_bytes(element, codec) if element.VR in _TEXT_VRS else None
+        if data is None or (len(data) > 0xFFFF and element.VR not in _LONG_TEXT_VRS):
+            out.add(element)
+            continue
+        out[element.tag] = RawDataElement(element.tag, element.VR, len(data), data, 0,
+                                          syntax[0], syntax[1])
+    return out
+
+
+def answer_encoder(identifier: Dataset, *, character_set: str | None = None,
+                   unencodable: Unencodable = "transliterate", implicit_vr: bool = True,
+                   little_endian: bool = True) -> Callable[[WorklistRow], Dataset]:
+    """:func:`response_renderer` for the wire: each item's answer to this query shape is
+    rendered and its text encoded once, then served to every query of the same shape (a
+    modality's poll repeats its query) until the item changes. The answers are shared: only
+    pynetdicom's encoder reads them, and it changes nothing.
+
+    ``character_set``: the calling modality's (``dicom.modalities.<AE>.character_set``), else
+    ISO_IR 192. ``implicit_vr``, ``little_endian``: the association's transfer syntax.
+    """
+    keys = _plan(identifier)
+    render = response_renderer(identifier)
+    codec = codec_for(character_set) if character_set is not None else "utf-8"
+    # pydicom's form of the character set (Python codecs), as it compares it before writing.
+    encodings = convert_encodings(character_set or RESPONSE_CHARACTER_SET)
+    syntax = (implicit_vr, little_endian)
+
+    def answer(row: WorklistRow) -> Dataset:
+        key = (keys, row, character_set, unencodable, syntax)
+        with _answers_lock:
+            found = _answers.get(key)
+            if found is not None:
+                _answers.move_to_end(key)
+                return found
+        response = render(row)
+        if character_set is not None:
+            recode(response, character_set, unencodable)
+        encoded = _frozen(response, codec, encodings, syntax)
+        with _answers_lock:
+            _answers[key] = encoded
+            if len(_answers) > _ANSWER_CACHE_SIZE:
+                _answers.popitem(last=False)
+        return encoded
+
+    return answer
+
+
 def render_response(identifier: Dataset, row: WorklistRow) -> Dataset:
-    """The C-FIND response identifier for one match: only the keys asked for, nested as asked.
+    """The C-FIND response identifier for one match: only the keys asked for, nested as asked,
+    with the values of the item's whole dataset (:func:`broker.dicom.wl_files.item_view`).
 
     A sequence key with an item renders that item's keys for each of the row's items; a
     zero-length sequence key (or one with an empty item) returns the items whole. Keys the
-    broker does not store come back empty. Specific Character Set is always ISO_IR 192.
+    item has no value for come back empty. Specific Character Set is always ISO_IR 192.
     """
     return response_renderer(identifier)(row)

@@ -174,15 +174,10 @@ def _leaf(path: str) -> str:
     return path.rsplit(".", 1)[-1]
 
 
-# Attributes of the examples the broker does not store (docs/worklist-matching.md D3).
-UNSTORED = frozenset({
-    "MedicalAlerts", "Allergies", "RequestedContrastAgent", "ScheduledProcedureStepLocation",
-    "PreMedication", "CommentsOnTheScheduledProcedureStep",
-})
 # Type 3 attributes wlmscpfs puts in a zero-length Scheduled Procedure Step item's answer.
+# (Comments on the Scheduled Procedure Step is the file's: the broker returns it too.)
 TYPE_3_IN_FULL_ITEM = frozenset({
     "ScheduledProcedureStepEndDate", "ScheduledProcedureStepEndTime",
-    "CommentsOnTheScheduledProcedureStep",
 })
 Rule = Callable[[str, str | None, str | None], bool]  # (path, wlmscpfs value, broker value)
 
@@ -190,12 +185,6 @@ Rule = Callable[[str, str | None, str | None], bool]  # (path, wlmscpfs value, b
 VALUE_DIFFERENCES: dict[str, Rule] = {
     # The broker declares ISO_IR 192; wlmscpfs (-cs0, its default) declares nothing.
     "D1": lambda path, theirs, ours: path == "SpecificCharacterSet",
-    # A multi-valued Scheduled Station AE Title: the broker keeps one station per step.
-    "D2": lambda path, theirs, ours: (_leaf(path) == "ScheduledStationAETitle"
-                                      and theirs is not None and "\\" in theirs
-                                      and ours == theirs.split("\\")[0]),
-    # Not stored: returned empty, as a Type 2 key of unknown value.
-    "D3": lambda path, theirs, ours: _leaf(path) in UNSTORED and ours == "",
     # The broker tracks each step's status; the example files carry none.
     "D4": lambda path, theirs, ours: (_leaf(path) == "ScheduledProcedureStepStatus"
                                       and not theirs and ours in SPS_STATUS_TERMS.values()),
@@ -257,7 +246,10 @@ QUERIES = [
     Query("sex", {"PatientSex": "F"}),
     Query("modality", {}, _sps(Modality="CT")),
     Query("station", {}, _sps(ScheduledStationAETitle="AA67")),
+    # A step on several stations (AA32\\AA33): found by each, all returned.
     Query("station, first of several", {}, _sps(ScheduledStationAETitle="AA32")),
+    Query("second of several stations", {}, _sps(ScheduledStationAETitle="AA33")),
+    Query("several stations, a list", {}, _sps(ScheduledStationAETitle="DD56\\XX99")),
     Query("date", {}, _sps(ScheduledProcedureStepStartDate="19960406")),
     Query("date range", {}, _sps(ScheduledProcedureStepStartDate="19960101-19960430")),
     Query("date up to", {}, _sps(ScheduledProcedureStepStartDate="-19951231")),
@@ -276,9 +268,12 @@ QUERIES = [
         "RequestingPhysician": "", "RequestedProcedureDescription": "",
         "RequestedProcedureID": "", "RequestedProcedurePriority": "",
         "ReferringPhysicianName": "", "IssuerOfPatientID": ""}, _sps()),
-    # Keys neither server matches on (D3 on the broker's side): universal on both.
+    # Keys neither server matches on: universal on both; the values are returned.
     Query("step location", {}, _sps(ScheduledProcedureStepLocation="B34F56")),
     Query("medical alerts", {"MedicalAlerts": "ABZESS"}),
+    Query("allergies", {"Allergies": "TANTAL", "MedicalAlerts": ""}),
+    Query("contrast agent", {}, _sps(RequestedContrastAgent="BARIUMSULFAT",
+                                     ScheduledProcedureStepLocation="")),
     # Deliberate differences in which items match.
     Query("name ignores case", {"PatientName": "vivaldi*"},
           broker=_accessions(0, 2, 3), section="D7"),
@@ -305,8 +300,6 @@ QUERIES = [
           broker=_accessions(1, 7), section="D11"),
     Query("step description", {}, _sps(ScheduledProcedureStepDescription="EXAM98"),
           broker=_accessions(4, 7), section="D11"),
-    Query("second of several stations", {}, _sps(ScheduledStationAETitle="AA33"),
-          broker=frozenset(), section="D2"),
     Query("station name", {}, _sps(ScheduledStationName="STN456"),
           broker=_accessions(0), section="D11"),
     Query("time of reduced precision", {}, _sps(ScheduledProcedureStepStartTime="09"),
