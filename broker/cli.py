@@ -71,6 +71,10 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     broker = Broker(config)
     signal.signal(signal.SIGHUP, lambda _signum, _frame: broker.reload_mapping())
+    # SIGHUP also re-reads the TLS certificates (renewed ones apply to new connections).
+    previous = signal.getsignal(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, lambda signum, frame: (
+        previous(signum, frame) if callable(previous) else None, broker.reload_tls()))
     try:
         broker.start()
     except OSError as exc:
