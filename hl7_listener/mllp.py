@@ -121,7 +121,10 @@ async def _frame_body(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
 def _closed_by_peer(sock: socket.socket) -> bool:
     """True when the peer closed (or wrote unasked-for bytes on) an idle connection."""
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        # poll, not select: select fails for descriptors past 1024 (a busy broker).
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        readable = poller.poll(0)
     except (OSError, ValueError):
         return True
     if not readable:

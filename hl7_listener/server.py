@@ -24,6 +24,8 @@ from hl7_listener.mllp import FrameTimeout, FrameTooLarge, FramingError, frame, 
 
 log = logging.getLogger(__name__)
 
+_REFUSAL_LOG_SECONDS = 10.0
+
 
 class MessageHandler(Protocol):
     def handle(self, raw: bytes) -> bytes | None: ...
@@ -54,6 +56,8 @@ class MllpServer:
         self._unlimited = tuple(ipaddress.ip_network(net, strict=False)
                                 for net in unlimited_sources)
         self._per_source: Counter[str] = Counter()
+        # Address -> (when a refusal was last logged, refusals not logged since).
+        self._refusals: dict[str, tuple[float, int]] = {}
         self._max_connections = max_connections
         # Connections past max_connections wait their turn (an interface engine reconnecting
         # all its channels at once); only past max_waiting is one closed unanswered.
@@ -145,18 +149,33 @@ class MllpServer:
             return True
         return not any(ip in net for net in self._unlimited)
 
+    def _refused(self, address: str, reason: str) -> None:
+        """Log a refused connection, at most once per address every _REFUSAL_LOG_SECONDS: a
+        flood of a thousand connections must not become a thousand log lines."""
+        now = asyncio.get_running_loop().time()
+        last, since = self._refusals.get(address, (None, 0))
+        if last is not None and now - last < _REFUSAL_LOG_SECONDS:
+            self._refusals[address] = (last, since + 1)
+            return
+        if len(self._refusals) > 10_000:  # many addresses: forget the quiet ones
+            self._refusals = {a: v for a, v in self._refusals.items()
+                              if now - v[0] < _REFUSAL_LOG_SECONDS}
+        self._refusals[address] = (now, 0)
+        more = f" ({since} more refused since the last report)" if since else ""
+        log.warning("refused HL7 connection from %s: %s%s", address, reason, more)
+
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter, tls: bool = False) -> None:
         peer = writer.get_extra_info("peername")
         address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
         if self._limited(address):
-            log.warning("refused HL7 connection from %s: %d connections from that address "
-                        "already", peer, self._per_source[address])
+            self._refused(address, f"{self._per_source[address]} connections from that "
+                          "address already")
             writer.close()
             return
         if self._slots.locked() and self._waiting >= self._max_waiting:
-            log.warning("refused HL7 connection from %s: %d connections open and %d waiting",
-                        peer, self._max_connections, self._waiting)
+            self._refused(address, f"{self._max_connections} connections open and "
+                          f"{self._waiting} waiting")
             writer.close()
             return
         sock = writer.get_extra_info("socket")

@@ -8,6 +8,7 @@ CA, each as ``NAME.pem`` + ``NAME.key``.
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,3 +108,24 @@ def make_pki(directory: Path) -> Pki:
     other = _make_ca(directory, "rogue-ca", "/O=Elsewhere/CN=Rogue CA")
     _issue(directory, "rogue-ca", other, "rogue", "/O=Test Hospital/CN=CT1", "client")
     return Pki(directory)
+
+
+_SHARED: dict[str, Pki] = {}
+
+
+def shared_pki(factory: object) -> Pki:
+    """One set of certificates per test session (``factory``: pytest's tmp_path_factory);
+    making them costs about two seconds."""
+    if "pki" not in _SHARED:
+        _SHARED["pki"] = make_pki(factory.mktemp("pki"))  # type: ignore[attr-defined]
+    return _SHARED["pki"]
+
+
+def client_context(pki: Pki, client: str | None = "client", *,
+                   ca: Path | None = None) -> ssl.SSLContext:
+    """A Python client context trusting the test CA, with ``client``'s certificate if any."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(ca or pki.ca))
+    if client is not None:
+        context.load_cert_chain(str(pki.cert(client)), str(pki.key(client)))
+    return context
