@@ -324,7 +324,9 @@ class DicomServer:
         """Log who asks over TLS, and hold a calling AE title to its certificate subjects."""
         assoc = event.assoc
         sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
-        calling_ae = _calling_ae(event)
+        # Only the request itself is known yet (requestor.ae_title is set on acceptance).
+        primitive = assoc.requestor.primitive
+        calling_ae = str(primitive.calling_ae_title).strip() if primitive is not None else ""
         over_tls = isinstance(sock, ssl.SSLSocket)
         subject = subject_of(sock.getpeercert()) if isinstance(sock, ssl.SSLSocket) else ()
         if over_tls:
