@@ -101,6 +101,9 @@ def make_pki(directory: Path) -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
     config = _make_ca(directory, "ca", "/O=Test Hospital/CN=Test CA")
     _issue(directory, "ca", config, "server", "/O=Test Hospital/CN=localhost", "server")
+    # The same host's next certificate, to see a reload take effect.
+    _issue(directory, "ca", config, "renewed", "/O=Test Hospital/CN=renewed.localhost",
+           "server")
     _issue(directory, "ca", config, "client", "/O=Test Hospital/CN=CT1", "client")
     _issue(directory, "ca", config, "other-client", "/O=Test Hospital/CN=CT2", "client")
     _issue(directory, "ca", config, "expired", "/O=Test Hospital/CN=CT1", "client",

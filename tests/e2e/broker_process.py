@@ -41,7 +41,8 @@ class BrokerProcess:
 def write_config(directory: Path, *, database_url: str | None = None, ris_port: int | None = None,
                  outbound_interval: float = 0.2, mapping: str | None = None,
                  dicom: dict[str, object] | None = None,
-                 hl7: dict[str, object] | None = None) -> tuple[Path, int, int]:
+                 hl7: dict[str, object] | None = None,
+                 ris: dict[str, object] | None = None) -> tuple[Path, int, int]:
     dicom_port, hl7_port = free_port(), free_port()
     config = {
         "database": {"url": database_url or f"sqlite:///{directory / 'worklist.db'}"},
@@ -49,7 +50,7 @@ def write_config(directory: Path, *, database_url: str | None = None, ris_port: 
                   **(dicom or {})},
         "hl7": {"host": "127.0.0.1", "port": hl7_port, **(hl7 or {})},
         "ris": {"enabled": ris_port is not None, "host": "127.0.0.1", "port": ris_port or 2576,
-                "connect_timeout_seconds": 2, "ack_timeout_seconds": 5},
+                "connect_timeout_seconds": 2, "ack_timeout_seconds": 5, **(ris or {})},
         "jobs": {"outbound_interval_seconds": outbound_interval, "mapping_check_seconds": 0.5},
         "mapping": mapping or str(REPO / "config" / "mapping.yaml"),
     }
