@@ -81,6 +81,18 @@ class _QuickAckSocket(socket.socket):
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
+class _QuickAckSSLSocket(ssl.SSLSocket):
+    """The same for a TLS connection: pynetdicom reads through the SSLSocket's recv(), and
+    without it a TLS poll of a few matches measured ~50 ms slower than a plain one."""
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        try:
+            self.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        except OSError:
+            pass
+        return super().recv(buflen, flags)
+
+
 def _on_conn_open(event: Event) -> None:
     # Each C-FIND response is a small PDU written right after the previous one; with Nagle's
     # algorithm and the peer's delayed ACK every query would wait ~40 ms.
@@ -90,6 +102,8 @@ def _on_conn_open(event: Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if _TCP_QUICKACK is not None and type(sock) is socket.socket:
             sock.__class__ = _QuickAckSocket
+        elif _TCP_QUICKACK is not None and type(sock) is ssl.SSLSocket:
+            sock.__class__ = _QuickAckSSLSocket
 
 
 def _on_echo(event: Event) -> int:

@@ -177,3 +177,22 @@ def test_unreachable_reason_names_the_tls_failure(worklist_store: Store, pki: Pk
                       timeout=5, tls=(foreign, None))
     finally:
         downstream.close()
+
+
+def test_tls_sockets_acknowledge_at_once(tls_server: DicomServer, pki: Pki) -> None:
+    """TCP_NODELAY and quick ACKs on TLS connections too (else ~40 ms per poll)."""
+    from pynetdicom import evt
+
+    from broker.dicom.scp import _QuickAckSSLSocket
+
+    seen: list[tuple[type, int]] = []
+
+    def check(event: evt.Event) -> None:
+        sock = event.assoc.dul.socket.socket
+        seen.append((type(sock), sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+
+    listener = tls_server._tls_server
+    assert listener is not None and tls_server.tls_port is not None
+    listener.bind(evt.EVT_ACCEPTED, check)
+    assert echoscu(tls_server.tls_port, *_tls_args(pki)).returncode == 0
+    assert seen and seen[0][0] is _QuickAckSSLSocket and seen[0][1] != 0
