@@ -28,7 +28,7 @@ from hl7_listener.server import MllpServer
 from tests import tls_certs
 from tests.fake_ris import FakeRis, field_of
 from tests.messages import orm
-from tests.support import wait_for
+from tests.support import free_port, listening, wait_for
 from tests.tls_certs import Pki, shared_pki
 
 REPO = Path(__file__).resolve().parents[2]
@@ -301,3 +301,26 @@ def test_ris_connections_end_with_the_frame_not_between_frames(server: MllpServe
         assert mllp._sock is sock  # the same connection
     assert field_of(first, "MSA", 1) == field_of(second, "MSA", 1) == "AA"
     assert END_BLOCK not in first.encode()
+
+
+def test_tls_only_listener(sqlite_store: Store, pki: Pki) -> None:
+    handler = OrderMessageHandler(sqlite_store, load_mapping(REPO / "config" / "mapping.yaml"),
+                                  uid_root="1.2.3", sending_application="WLB",
+                                  sending_facility="")
+    tls = TlsListenerConfig(port=0, plain_port=False, certificate=pki.cert("server"),
+                            private_key=pki.key("server"))
+    plain_port = free_port()
+    listener = MllpServer(handler, host="127.0.0.1", port=plain_port, max_connections=4,
+                          idle_timeout=5, max_message_bytes=64 * 1024, plain=False,
+                          tls=ContextSource(lambda: server_context(tls, base_dir=REPO,
+                                                                   where="hl7.tls"), "hl7.tls"))
+    listener.start()
+    try:
+        # No client certificate asked for; the server's is verified by the client.
+        assert field_of(_tls_ack(listener, pki, "ONLY", client=None), "MSA", 1) == "AA"
+        assert not listening(plain_port)
+    finally:
+        listener.stop()
+    with pytest.raises(ValueError, match="a plain port, a TLS port or both"):
+        MllpServer(handler, host="127.0.0.1", port=0, max_connections=1, idle_timeout=1,
+                   max_message_bytes=4096, plain=False)
