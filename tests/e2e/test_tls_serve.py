@@ -75,6 +75,23 @@ def test_every_link_over_tls_and_a_reload_on_sighup(tmp_path: Path, pki: Pki) ->
                            "+tls", str(pki.key("client")), str(pki.cert("client")),
                            "+cf", str(pki.ca)))
         assert [row.AccessionNumber for row in rows] == ["ACC-TLS-1"]
+        # The administrator's send command speaks TLS too.
+        message = tmp_path / "order.hl7"
+        message.write_text(orm(control_id="TLS-SEND", accession="ACC-TLS-2"))
+        send = [sys.executable, "-m", "broker.cli", "send", str(message), "--port",
+                str(hl7_tls), "--tls", "--ca", str(pki.ca), "--timeout", "10"]
+        sent = subprocess.run([*send, "--cert", str(pki.cert("client")), "--key",
+                               str(pki.key("client"))],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0 and "MSA|AA|TLS-SEND" in sent.stdout, sent.stderr
+        refused = subprocess.run(send, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "cannot send" in refused.stderr  # no certificate
+        missing = subprocess.run([*send, "--cert", "nope.pem", "--key", "nope.key"], cwd=REPO,
+                                 capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 2
+        assert missing.stderr.strip() == (
+            f"worklist-broker: config error: send.certificate: cannot read {REPO / 'nope.pem'}: "
+            "No such file or directory")
         started = subprocess.run(
             [sys.executable, "-m", "broker.cli", "mpps", "in-progress", "--accession",
              "ACC-TLS-1", "--port", str(broker.dicom_port), "--modality", "CT"],
