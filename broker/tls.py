@@ -48,6 +48,16 @@ def _reason(exc: ssl.SSLError) -> str:
     return exc.reason or str(exc)
 
 
+def handshake_failure(exc: BaseException) -> str:
+    """A failed handshake in a few words for the log: OpenSSL's reason, and for a certificate
+    that did not verify, why (``CERTIFICATE_VERIFY_FAILED: certificate has expired``)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{exc.reason}: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason
+    return str(exc) or exc.__class__.__name__
+
+
 def _common(context: ssl.SSLContext, min_version: str, ciphers: str, where: str) -> None:
     context.minimum_version = _VERSIONS[min_version]
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION

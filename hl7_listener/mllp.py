@@ -14,6 +14,8 @@ import ssl
 from collections.abc import Callable
 from types import TracebackType
 
+from broker.tls import handshake_failure
+
 log = logging.getLogger(__name__)
 
 START_BLOCK = b"\x0b"
@@ -180,7 +182,8 @@ class MllpClient:
                     sock = self._tls().wrap_socket(sock, server_hostname=self._server_name)
                 except ssl.SSLError as exc:
                     sock.close()
-                    raise MllpError(f"TLS handshake failed: {exc.reason or exc}") from None
+                    raise MllpError(f"TLS handshake failed: {handshake_failure(exc)}"
+                                    ) from None
                 except OSError:
                     sock.close()
                     raise

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
 
-from broker.tls import ContextSource, format_subject, subject_of
+from broker.tls import ContextSource, format_subject, handshake_failure, subject_of
 from hl7_listener.mllp import FrameTimeout, FrameTooLarge, FramingError, frame, read_frame
 
 log = logging.getLogger(__name__)
@@ -213,8 +213,7 @@ class MllpServer:
             await writer.start_tls(self._tls.context,
                                    ssl_handshake_timeout=self._handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
-            reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc
-            log.warning("HL7 TLS handshake with %s failed: %s", peer, reason or "timed out")
+            log.warning("HL7 TLS handshake with %s failed: %s", peer, handshake_failure(exc))
             return False
         subject = format_subject(subject_of(writer.get_extra_info("peercert")))
         log.info("HL7 TLS connection from %s: %s, client certificate %s", peer,

@@ -9,6 +9,7 @@ so the two commands agree without remembering anything in between.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import socket
 import ssl
 import uuid
@@ -19,6 +20,8 @@ from pydicom import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
+
+from broker.tls import handshake_failure
 
 MppsAction = Literal["in-progress", "completed", "discontinued"]
 
@@ -121,6 +124,16 @@ def set_dataset(status: str) -> Dataset:
     return ds
 
 
+class _NoTlsTraceback(logging.Filter):
+    """pynetdicom logs a failed TLS connect with a traceback; the caller reports it in one
+    line with the reason (:func:`_tls_failure`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ssl.SSLError))
+
+
+_TLS_FILTER = _NoTlsTraceback()
+
 TlsArgs = tuple[ssl.SSLContext, str | None]  # context, name the peer's certificate must carry
 
 
@@ -132,7 +145,7 @@ def _tls_failure(host: str, port: int, tls: TlsArgs, timeout: float) -> str:
                 context.wrap_socket(raw, server_hostname=server_name):
             return "no TCP connection"
     except ssl.SSLError as exc:
-        return f"TLS handshake failed: {exc.reason or exc}"
+        return f"TLS handshake failed: {handshake_failure(exc)}"
     except OSError as exc:
         return f"no TCP connection ({exc.strerror or exc})"
 
@@ -150,6 +163,8 @@ def associate(host: str, port: int, *, called_aet: str, calling_aet: str,
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     connected: list[bool] = []
+    if tls is not None:
+        logging.getLogger("pynetdicom.transport").addFilter(_TLS_FILTER)  # once: same object
     assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls,
                          evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))])
     if assoc.is_established:

@@ -38,7 +38,13 @@ from broker.errors import ConfigError
 from broker.matching import InvalidQuery, find_worklist
 from broker.site_policy import apply_site_policy
 from broker.store import Store
-from broker.tls import ContextSource, format_subject, subject_allowed, subject_of
+from broker.tls import (
+    ContextSource,
+    format_subject,
+    handshake_failure,
+    subject_allowed,
+    subject_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +193,8 @@ class _TlsAssociationServer(ThreadedAssociationServer):
             request.do_handshake()
             request.settimeout(timeout)
         except (OSError, ValueError) as exc:  # SSLError, timeout, reset
-            reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else exc
             log.warning("DICOM TLS handshake with %s failed: %s", client_address,
-                        reason or "timed out")
+                        handshake_failure(exc))
             self.shutdown_request(request)
             return
         super().process_request_thread(request, client_address)

@@ -103,11 +103,17 @@ def test_order_over_mutual_tls_is_acked(server: MllpServer, pki: Pki,
 ])
 def test_bad_client_certificates_are_refused_and_the_listener_keeps_serving(
         server: MllpServer, pki: Pki, sqlite_store: Store, client: str | None,
-        ca: Path | None) -> None:
+        ca: Path | None, caplog: pytest.LogCaptureFixture) -> None:
     # TLS 1.3 checks the client certificate after the client thinks it is connected: the
     # refusal shows on the first read, either way no ACK comes back.
     with pytest.raises(MllpError):
         _tls_ack(server, pki, "REFUSED", client=client, ca=ca)
+    # The log says why, in one line.
+    wait_for(lambda: "HL7 TLS handshake with" in caplog.text, what="the refusal logged")
+    reason = {None: "PEER_DID_NOT_RETURN_A_CERTIFICATE",
+              "expired": "CERTIFICATE_VERIFY_FAILED: certificate has expired",
+              "rogue": "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate"}
+    assert reason[client] in caplog.text
     assert _items(sqlite_store) == {}
     assert field_of(_tls_ack(server, pki, "AFTER"), "MSA", 1) == "AA"
 
@@ -149,7 +155,8 @@ def test_client_verifies_the_server_certificate(pki: Pki) -> None:
         trusted = TlsClientConfig(enabled=True, ca_certificates=pki.ca)
         assert field_of(send(trusted), "MSA", 2) == "OUT-1"
         assert field_of(send(trusted, host="localhost"), "MSA", 2) == "OUT-1"
-        with pytest.raises(MllpError, match="TLS handshake failed: CERTIFICATE_VERIFY_FAILED"):
+        with pytest.raises(MllpError, match="TLS handshake failed: CERTIFICATE_VERIFY_FAILED: "
+                                            "unable to get local issuer certificate"):
             send(TlsClientConfig(enabled=True, ca_certificates=pki.cert("rogue-ca")))
         with pytest.raises(MllpError, match="CERTIFICATE_VERIFY_FAILED"):
             send(trusted.model_copy(update={"server_name": "ris.elsewhere.org"}))
