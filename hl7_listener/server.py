@@ -50,12 +50,13 @@ class MllpServer:
         self._tls_port = tls_port
         self._handshake_timeout = handshake_timeout
         self._frame_timeout = frame_timeout
-        # Connections (served or waiting) per source address: one misbehaving client (1,000
-        # idle connections) must leave slots for the RIS.
+        # Connections served at once per source address (as many again may wait): one
+        # misbehaving client (1,000 idle connections) must leave slots for the RIS.
         self._max_per_source = max_per_source
         self._unlimited = tuple(ipaddress.ip_network(net, strict=False)
                                 for net in unlimited_sources)
-        self._per_source: Counter[str] = Counter()
+        self._per_source: Counter[str] = Counter()  # connections open (served or waiting)
+        self._by_source: dict[str, asyncio.Semaphore] = {}  # slots per address
         # Address -> (when a refusal was last logged, refusals not logged since).
         self._refusals: dict[str, tuple[float, int]] = {}
         self._max_connections = max_connections
@@ -139,15 +140,15 @@ class MllpServer:
         if self._tls is not None:
             log.info("MLLP listener (TLS) on %s:%d", self._host, self.tls_port)
 
-    def _limited(self, address: str) -> bool:
-        """Whether one more connection from this address would pass the per-source limit."""
-        if not self._max_per_source or self._per_source[address] < self._max_per_source:
-            return False
+    def _source_limit(self, address: str) -> int:
+        """Connections this address may have served at once (0: no limit of its own)."""
+        if not self._max_per_source:
+            return 0
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
-            return True
-        return not any(ip in net for net in self._unlimited)
+            return self._max_per_source
+        return 0 if any(ip in net for net in self._unlimited) else self._max_per_source
 
     def _refused(self, address: str, reason: str) -> None:
         """Log a refused connection, at most once per address every _REFUSAL_LOG_SECONDS: a
@@ -168,7 +169,10 @@ class MllpServer:
                           writer: asyncio.StreamWriter, tls: bool = False) -> None:
         peer = writer.get_extra_info("peername")
         address = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
-        if self._limited(address):
+        limit = self._source_limit(address)
+        # As many again as an address may have served may wait for their turn (a RIS engine
+        # reconnecting all its channels); past that, the address is flooding.
+        if limit and self._per_source[address] >= 2 * limit:
             self._refused(address, f"{self._per_source[address]} connections from that "
                           "address already")
             writer.close()
@@ -189,18 +193,23 @@ class MllpServer:
         try:
             if tls and not await self._handshake(writer, peer):
                 return
-            if await self._take_slot(peer):
+            source = self._source_slots(address, limit)
+            if await self._take_slot(peer, source):
                 try:
                     log.debug("HL7 connection from %s", peer)
                     await self._serve(reader, writer, peer)
                 finally:
                     self._slots.release()
+                    if source is not None:
+                        source.release()
         except (ConnectionError, OSError) as exc:
             log.warning("HL7 connection from %s lost: %s", peer, exc)
         finally:
             self._per_source[address] -= 1
             if self._per_source[address] <= 0:
+                # Nobody from there holds or waits for its semaphore any more.
                 del self._per_source[address]
+                self._by_source.pop(address, None)
             self._writers.discard(writer)
             if task is not None:
                 self._tasks.discard(task)
@@ -220,17 +229,35 @@ class MllpServer:
                  writer.get_extra_info("cipher", ("?",))[0], subject or "none")
         return True
 
-    async def _take_slot(self, peer: object) -> bool:
-        """Wait for one of the max_connections slots; False when none freed up in time."""
-        if not self._slots.locked():
-            await self._slots.acquire()  # free: returns at once
+    def _source_slots(self, address: str, limit: int) -> asyncio.Semaphore | None:
+        if not limit:
+            return None
+        if address not in self._by_source:
+            self._by_source[address] = asyncio.Semaphore(limit)
+        return self._by_source[address]
+
+    async def _take_slot(self, peer: object, source: asyncio.Semaphore | None) -> bool:
+        """Wait for one of the address's slots (``source``), then one of the max_connections
+        slots; False when they did not free up within the wait time."""
+        if (source is None or not source.locked()) and not self._slots.locked():
+            if source is not None:
+                await source.acquire()  # free: returns at once
+            await self._slots.acquire()
             return True
-        if self._waiting == 0:
+        if self._slots.locked() and self._waiting == 0:
             log.info("all %d HL7 connection slots busy: new connections wait their turn (up "
                      "to %ss)", self._max_connections, self._wait_timeout)
         self._waiting += 1
         try:
-            await asyncio.wait_for(self._slots.acquire(), self._wait_timeout)
+            async with asyncio.timeout(self._wait_timeout):
+                if source is not None:
+                    await source.acquire()
+                try:
+                    await self._slots.acquire()
+                except BaseException:
+                    if source is not None:
+                        source.release()
+                    raise
             return True
         except TimeoutError:
             log.warning("HL7 connection from %s waited %ss for a free slot and was closed",

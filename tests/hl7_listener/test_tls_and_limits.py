@@ -224,26 +224,60 @@ def test_a_thousand_idle_connections_from_one_address_leave_room_for_the_ris(
     try:
         for _ in range(1000):
             flood.append(_attacker(server))
-        # All but PER_SOURCE are closed at once, while those stay open (idle, 30 s).
+        # PER_SOURCE are served (and idle), as many again wait for them; the rest are closed
+        # at once.
         closed: set[int] = set()
 
         def count_closed() -> bool:
             closed.update(n for n, sock in enumerate(flood)
                           if n not in closed and _closed(sock))
-            return len(closed) >= 1000 - PER_SOURCE
+            return len(closed) >= 1000 - 2 * PER_SOURCE
 
         wait_for(count_closed, timeout=20,
                  what="the connections past the per-source limit to be closed")
-        assert len(closed) == 1000 - PER_SOURCE
-        assert len(server._writers) == PER_SOURCE
+        assert len(closed) == 1000 - 2 * PER_SOURCE
+        assert len(server._writers) == 2 * PER_SOURCE
+        # The RIS, from another address, is served at once.
+        started = time.monotonic()
         assert field_of(_plain_ack(server, "RIS-2"), "MSA", 1) == "AA"
-        # The RIS's connection closes again; the flood's stay until their idle timeout.
-        wait_for(lambda: len(server._writers) == PER_SOURCE, what="the RIS connection closed")
+        assert time.monotonic() - started < 2
+        # The waiting ones give up after connection_wait_seconds (5 s here); the served ones
+        # stay until their idle timeout (30 s here).
+        wait_for(lambda: len(server._writers) == PER_SOURCE, timeout=10,
+                 what="the waiting connections to be closed")
     finally:
         for sock in flood:
             sock.close()
     wait_for(lambda: not server._writers, what="the flood's connections to be dropped")
     assert _items(sqlite_store) == {"RIS-2": "SCHEDULED"}
+
+
+def test_an_engine_reconnecting_its_channels_is_served_past_the_per_source_limit(
+        server: MllpServer, sqlite_store: Store) -> None:
+    """Twice PER_SOURCE connections at once from one address: half served, half waiting
+    their turn, every one ACKed."""
+    count = 2 * PER_SOURCE
+    barrier = threading.Barrier(count, timeout=30)
+    acks: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def channel(n: int) -> None:
+        try:
+            with MllpClient("127.0.0.1", server.port, read_timeout=20) as mllp:
+                barrier.wait()
+                acks[n] = mllp.send(orm(control_id=f"CH-{n}", accession=f"CH-{n}",
+                                        patient_id=f"P-{n}").encode()).decode()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=channel, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert {field_of(ack, "MSA", 1) for ack in acks.values()} == {"AA"} and len(acks) == count
+    assert len(_items(sqlite_store)) == count
 
 
 @pytest.mark.parametrize("opening", [START_BLOCK, b""], ids=["in-a-frame", "outside-frames"])
