@@ -53,7 +53,7 @@ def server(sqlite_store: Store, pki: Pki) -> Iterator[MllpServer]:
     source = ContextSource(lambda: server_context(tls, base_dir=REPO, where="hl7.tls"),
                            "hl7.tls")
     listener = MllpServer(handler, host="127.0.0.1", port=0, max_connections=16,
-                          max_waiting=16, wait_timeout=5, idle_timeout=30,
+                          max_waiting=16, wait_timeout=2, idle_timeout=30,
                           max_message_bytes=64 * 1024, frame_timeout=FRAME_TIMEOUT,
                           max_per_source=PER_SOURCE, tls=source, tls_port=0,
                           handshake_timeout=2)
@@ -241,7 +241,7 @@ def test_a_thousand_idle_connections_from_one_address_leave_room_for_the_ris(
         started = time.monotonic()
         assert field_of(_plain_ack(server, "RIS-2"), "MSA", 1) == "AA"
         assert time.monotonic() - started < 2
-        # The waiting ones give up after connection_wait_seconds (5 s here); the served ones
+        # The waiting ones give up after connection_wait_seconds (2 s here); the served ones
         # stay until their idle timeout (30 s here).
         wait_for(lambda: len(server._writers) == PER_SOURCE, timeout=10,
                  what="the waiting connections to be closed")
