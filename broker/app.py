@@ -25,6 +25,7 @@ from broker.orthanc.config_file import apply_orthanc_config
 from broker.orthanc.follower import OrthancFollower
 from broker.purge import purge
 from broker.store import Store
+from broker.tls import ContextSource, client_source, listener_source
 from broker.web.app import create_app
 from broker.web.security import is_loopback
 from broker.web.server import WebServer
@@ -49,6 +50,12 @@ def _stamp(path: Path) -> tuple[float, int] | None:
     return info.st_mtime, info.st_size
 
 
+def _ports(plain: int | None, tls: int | None) -> str:
+    shown = ([str(plain)] if plain is not None else []) + (
+        [f"{tls} (TLS)"] if tls is not None else [])
+    return " and ".join(shown)
+
+
 def open_store(config: BrokerConfig) -> Store:
     """The configured database, with its schema created on first use."""
     url = make_url(config.database.url)
@@ -66,6 +73,9 @@ class Broker:
         # Idempotent: the CLI applied it already; a Broker built in-process still gets it.
         config = apply_orthanc_config(config)
         self.config = config
+        # Certificates first: a missing file or a mismatched key stops start-up (exit 2)
+        # before anything is opened.
+        self._build_tls(config)
         self.store = open_store(config)
         self._mapping_stamp = _stamp(config.mapping)
         self.handler = handler_from_config(self.store, config)
@@ -75,13 +85,22 @@ class Broker:
             max_waiting=config.hl7.max_waiting_connections,
             wait_timeout=config.hl7.connection_wait_seconds,
             idle_timeout=config.hl7.idle_timeout_seconds,
-            max_message_bytes=config.hl7.max_message_bytes)
+            max_message_bytes=config.hl7.max_message_bytes,
+            frame_timeout=config.hl7.frame_timeout_seconds,
+            max_per_source=config.hl7.max_connections_per_source,
+            unlimited_sources=config.hl7.unlimited_sources,
+            plain=config.hl7.tls.plain_port, tls=self.hl7_tls,
+            tls_port=config.hl7.tls.port or 0,
+            handshake_timeout=config.hl7.tls.handshake_timeout_seconds)
         self.dicom = DicomServer(config.dicom, self.store,
-                                 reporting=config.ris.status_messages.reporting())
+                                 reporting=config.ris.status_messages.reporting(),
+                                 tls=self.dicom_tls)
         self.outbound = OutboundSender(self.store, config.ris, config.hl7,
-                                       batch_size=config.jobs.outbound_batch_size)
+                                       batch_size=config.jobs.outbound_batch_size,
+                                       tls=self.ris_tls)
         self.mpps_forwarder = MppsForwarder(self.store, config.dicom,
-                                            batch_size=config.jobs.outbound_batch_size)
+                                            batch_size=config.jobs.outbound_batch_size,
+                                            tls=self.mpps_forward_tls)
         self.orthanc = (OrthancFollower(self.store, config.orthanc,
                                         config.ris.status_messages.reporting())
                         if config.orthanc.url else None)
@@ -111,6 +130,29 @@ class Broker:
         metrics.ASSOCIATIONS_OPEN.set_function(self.dicom.open_associations)
         return WebServer(create_app(self.store, config, services), host=web.host,
                          port=web.port)
+
+    def _build_tls(self, config: BrokerConfig) -> None:
+        base = config.base_dir
+        self.dicom_tls = listener_source(config.dicom.tls, base_dir=base, where="dicom.tls")
+        self.hl7_tls = listener_source(config.hl7.tls, base_dir=base, where="hl7.tls")
+        self.ris_tls = (client_source(config.ris.tls, host=config.ris.host, base_dir=base,
+                                      where="ris.tls") if config.ris.enabled else None)
+        self.mpps_forward_tls: dict[str, ContextSource] = {}
+        for index, destination in enumerate(config.dicom.mpps_forward):
+            source = client_source(destination.tls, host=destination.host, base_dir=base,
+                                   where=f"dicom.mpps_forward.{index}.tls")
+            if source is not None:
+                self.mpps_forward_tls[destination.key] = source
+
+    def tls_sources(self) -> list[ContextSource]:
+        sources = [self.dicom_tls, self.hl7_tls, self.ris_tls, *self.mpps_forward_tls.values()]
+        return [source for source in sources if source is not None]
+
+    def reload_tls(self) -> bool:
+        """Read every certificate and key again (SIGHUP); new connections use them, open ones
+        keep theirs. A link whose files are broken keeps its previous ones."""
+        results = [source.reload() for source in self.tls_sources()]
+        return all(results)
 
     def load_samples(self, directory: Path, today: dt.date | None = None) -> int:
         """Send the sample orders through the same path as orders from the RIS; returns how
@@ -184,10 +226,14 @@ class Broker:
                                seconds=jobs.mapping_check_seconds, id="mapping-reload",
                                max_instances=1, coalesce=True)
         self.scheduler.start()
-        log.info("broker started: DICOM %s on %s:%d, HL7 on %s:%d, RIS outbound %s, "
+        log.info("broker started: DICOM %s on %s:%s, HL7 on %s:%s, RIS outbound %s, "
                  "MPPS forwarded to %s, Orthanc change feed %s, console %s",
-                 self.config.dicom.ae_title, self.config.dicom.host, self.dicom.port,
-                 self.config.hl7.host, self.mllp.port,
+                 self.config.dicom.ae_title, self.config.dicom.host,
+                 _ports(self.dicom.port if self.config.dicom.tls.plain_port else None,
+                        self.dicom.tls_port),
+                 self.config.hl7.host,
+                 _ports(self.mllp.port if self.config.hl7.tls.plain_port else None,
+                        self.mllp.tls_port),
                  f"to {self.config.ris.host}:{self.config.ris.port}"
                  if self.config.ris.enabled else "disabled",
                  ", ".join(d.key for d in self.config.dicom.mpps_forward) or "none",

@@ -73,6 +73,10 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     broker = Broker(config)
     signal.signal(signal.SIGHUP, lambda _signum, _frame: broker.reload_mapping())
+    # SIGHUP also re-reads the TLS certificates (renewed ones apply to new connections).
+    previous = signal.getsignal(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, lambda signum, frame: (
+        previous(signum, frame) if callable(previous) else None, broker.reload_tls()))
     try:
         broker.start()
     except OSError as exc:
@@ -366,6 +370,27 @@ def _hash_password(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _send_tls(args: argparse.Namespace) -> tuple[Any, str | None] | None:
+    """The client context for ``send --tls`` (a ConfigError, exit 2, for a bad file)."""
+    if not args.tls:
+        if args.ca or args.cert or args.key or args.server_name:
+            raise ConfigError("--ca, --cert, --key and --server-name need --tls")
+        return None
+    from pydantic import ValidationError
+
+    from broker.config import TlsClientConfig
+    from broker.tls import client_context, expected_server_name
+
+    try:
+        config = TlsClientConfig(enabled=True, ca_certificates=args.ca,
+                                 certificate=args.cert, private_key=args.key,
+                                 server_name=args.server_name)
+    except ValidationError:
+        raise ConfigError("--cert and --key go together") from None
+    context = client_context(config, host=args.host, base_dir=Path.cwd(), where="send")
+    return context, expected_server_name(config, args.host)
+
+
 def _send(args: argparse.Namespace) -> int:
     import datetime as dt
 
@@ -380,9 +405,12 @@ def _send(args: argparse.Namespace) -> int:
     # Sample files carry {TODAY}-style placeholders; real RIS exports pass through unchanged.
     message = render_sample(text.decode("utf-8", errors="surrogateescape"),
                             dt.date.today()).encode("utf-8", errors="surrogateescape")
+    tls = _send_tls(args)
     try:
         with MllpClient(args.host, args.port, connect_timeout=args.timeout,
-                        read_timeout=args.timeout) as client:
+                        read_timeout=args.timeout,
+                        tls=(lambda: tls[0]) if tls else None,
+                        server_name=tls[1] if tls else None) as client:
             reply = client.send(message)
     except MllpError as exc:
         raise CommandError(f"cannot send to {args.host}:{args.port}: {exc}") from None
@@ -570,6 +598,14 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--host", default="127.0.0.1")
     send.add_argument("--port", type=int, default=2575)
     send.add_argument("--timeout", type=float, default=30.0)
+    send.add_argument("--tls", action="store_true",
+                      help="over TLS (the listener's hl7.tls.port), verifying its certificate")
+    send.add_argument("--ca", help="--tls: PEM CA bundle (default: the system's)")
+    send.add_argument("--cert", help="--tls: client certificate (PEM), with --key")
+    send.add_argument("--key", help="--tls: the client certificate's private key (PEM)")
+    send.add_argument("--server-name",
+                      help="--tls: name the listener's certificate must carry (default: --host "
+                      "when it is a host name)")
     send.set_defaults(func=_send)
 
     mpps = commands.add_parser("mpps", help="act as a modality (MPPS N-CREATE / N-SET), or "

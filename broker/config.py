@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.engine import make_url
 
 from broker.errors import ConfigError
@@ -55,12 +62,86 @@ def _ae_title(value: str) -> str:
     return value
 
 
+# OpenSSL cipher string for TLS 1.2 after BCP 195 (RFC 9325 4.2) and the DICOM "BCP 195
+# Non-Downgrading" TLS profile (PS3.15 B.11): forward secrecy and AEAD only. TLS 1.3 suites
+# are all AEAD with forward secrecy and stay OpenSSL's defaults.
+BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL"
+
+TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
+
+
+class TlsListenerConfig(_Section):
+    """TLS on a listener: a port of its own beside the plain one (or instead of it).
+
+    Relative file paths resolve against the config file's folder.
+    """
+
+    # The TLS port (None: no TLS listener).
+    port: int | None = Field(None, ge=0, le=65535)
+    # False: only the TLS port listens (the plain port is not opened).
+    plain_port: bool = True
+    certificate: Path | None = None  # PEM, the server's certificate (then its chain)
+    private_key: Path | None = None  # PEM, unencrypted (protect it by file permissions)
+    # PEM bundle of the CAs client certificates must chain to (None: not asked for).
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+    min_version: TlsVersion = "TLSv1.2"
+    ciphers: str = Field(BCP195_CIPHERS, min_length=1)
+    # A client must finish its handshake within this time (a silent one holds no thread).
+    handshake_timeout_seconds: float = Field(10, gt=0, le=300)
+
+    @property
+    def enabled(self) -> bool:
+        return self.port is not None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsListenerConfig:
+        if self.port is not None and (self.certificate is None or self.private_key is None):
+            raise ValueError("a TLS port needs certificate and private_key")
+        if not self.plain_port and self.port is None:
+            raise ValueError("plain_port: false needs a TLS port")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates (the CA client "
+                             "certificates must chain to)")
+        return self
+
+
+class DicomTlsConfig(TlsListenerConfig):
+    # Calling AE title -> the client certificate subjects allowed to use it: a common name
+    # ("ct1.example.org") or a whole subject ("CN=ct1.example.org,O=Hospital"). A listed AE
+    # title is accepted only over TLS with one of its certificates; others are not checked.
+    allowed_subjects: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class TlsClientConfig(_Section):
+    """TLS on an outbound link: the peer's certificate is always verified."""
+
+    enabled: bool = False
+    # PEM bundle of the CAs the peer's certificate must chain to (None: the system's).
+    ca_certificates: Path | None = None
+    # A client certificate and key, for a peer that asks for one.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    # The name the peer's certificate must carry (None: the configured host when it is a
+    # host name; for an IP address only the chain is checked).
+    server_name: str | None = None
+    min_version: TlsVersion = "TLSv1.2"
+    ciphers: str = Field(BCP195_CIPHERS, min_length=1)
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsClientConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("a client certificate needs both certificate and private_key")
+        return self
+
+
 class MppsDestination(_Section):
     """A downstream MPPS SCP (a PACS, a RIS) that receives a copy of every accepted MPPS."""
 
     ae_title: str = Field(min_length=1, max_length=16)
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
+    tls: TlsClientConfig = Field(default_factory=TlsClientConfig)
 
     _check_ae_title = field_validator("ae_title")(_ae_title)
 
@@ -119,6 +200,8 @@ class DicomConfig(_Section):
     # Person name keys (Patient's Name, physicians) match case-sensitively: PS3.4 C.2.2.2.1
     # leaves PN case to the SCP, and modalities type names in any case, so off by default.
     names_case_sensitive: bool = False
+    # TLS port (2762 is DICOM's registered one) beside or instead of the plain one.
+    tls: DicomTlsConfig = Field(default_factory=DicomTlsConfig)
 
     @field_validator("ae_title")
     @classmethod
@@ -143,6 +226,26 @@ class Hl7Config(_Section):
     existing_order: Literal["update", "reject"] = "update"
     # Codec for bytes that do not fit the declared MSH-18 (empty: refuse them with AE).
     charset_fallback: str = ""
+    # A frame, once started, must be complete within this time (a trickling sender).
+    frame_timeout_seconds: float = Field(30, gt=0)
+    # Connections (served and waiting) from one address; past it one is closed at once, so
+    # one misbehaving client cannot take every slot from the RIS. 0: no limit.
+    max_connections_per_source: int = Field(32, ge=0)
+    # Addresses or networks exempt from that limit (e.g. the RIS's interface engine).
+    unlimited_sources: list[str] = Field(default_factory=list)
+    tls: TlsListenerConfig = Field(default_factory=TlsListenerConfig)
+
+    @field_validator("unlimited_sources")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"not an address or network: {entry!r}") from None
+        return value
 
     @field_validator("charset_fallback")
     @classmethod
@@ -229,6 +332,7 @@ class RisConfig(_Section):
     # never dead-letters: it only delays, however long it is down.
     max_attempts: int = Field(10, ge=1)
     status_messages: StatusMessagesConfig = Field(default_factory=StatusMessagesConfig)
+    tls: TlsClientConfig = Field(default_factory=TlsClientConfig)
 
 
 class JobsConfig(_Section):

@@ -17,6 +17,7 @@ from broker import outbox
 from broker.config import Hl7Config, RisConfig
 from broker.domain import StatusKind
 from broker.store import Store
+from broker.tls import ContextSource, expected_server_name
 from hl7_listener.message import MessageError
 from hl7_listener.mllp import MllpClient, MllpError
 from hl7_listener.status_message import StatusFormat, parse_ack, render_status_message
@@ -45,7 +46,8 @@ class _Pending:
 class OutboundSender:
     """Delivers pending outbox messages; one instance per broker, run by one job at a time."""
 
-    def __init__(self, store: Store, ris: RisConfig, hl7: Hl7Config, *, batch_size: int) -> None:
+    def __init__(self, store: Store, ris: RisConfig, hl7: Hl7Config, *, batch_size: int,
+                 tls: ContextSource | None = None) -> None:
         self._store = store
         self._ris = ris
         self._hl7 = hl7
@@ -60,8 +62,11 @@ class OutboundSender:
             self._formats[kind] = StatusFormat(
                 message_type=chosen.message_type, version=chosen.version or ris.hl7_version,
                 templates=messages.field_templates.get(chosen.message_type, {}))
-        self._client = MllpClient(ris.host, ris.port, connect_timeout=ris.connect_timeout_seconds,
-                                  read_timeout=ris.ack_timeout_seconds)
+        self._client = MllpClient(
+            ris.host, ris.port, connect_timeout=ris.connect_timeout_seconds,
+            read_timeout=ris.ack_timeout_seconds,
+            tls=(lambda: tls.context) if tls is not None else None,
+            server_name=expected_server_name(ris.tls, ris.host) if tls is not None else None)
 
     def _pending(self) -> list[_Pending]:
         with self._store.reading() as session:

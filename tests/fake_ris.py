@@ -7,6 +7,7 @@ broker cannot hide behind the same bug in its test peer.
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 
@@ -40,6 +41,9 @@ class FakeRis:
     received: list[str] = field(default_factory=list)
     connections: int = 0
     open_connections: int = 0
+    # A server context: the RIS listens with TLS (handshake failures are counted).
+    ssl_context: ssl.SSLContext | None = None
+    tls_failures: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -67,6 +71,14 @@ class FakeRis:
         self._drop.set()
 
     def _connection(self, conn: socket.socket) -> None:
+        if self.ssl_context is not None:
+            conn.settimeout(5)
+            try:
+                conn = self.ssl_context.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                self.tls_failures.append(str(exc))
+                conn.close()
+                return
         conn.settimeout(0.2)
         buffer = b""
         with self._lock:

@@ -28,6 +28,7 @@ from broker.dicom.mpps_scu import MppsScuError, associate, send_request
 from broker.models import MppsForwardOperation
 from broker.mpps import DUPLICATE_SOP_INSTANCE
 from broker.store import Store
+from broker.tls import ContextSource, expected_server_name
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,12 @@ class _Pending:
 class MppsForwarder:
     """Delivers the forward queue to every configured destination; one run at a time."""
 
-    def __init__(self, store: Store, dicom: DicomConfig, *, batch_size: int) -> None:
+    def __init__(self, store: Store, dicom: DicomConfig, *, batch_size: int,
+                 tls: dict[str, ContextSource] | None = None) -> None:
         self._store = store
         self._destinations = tuple(dicom.mpps_forward)
+        # Destination key -> its TLS context, for the destinations with TLS enabled.
+        self._tls = dict(tls or {})
         self._calling_aet = dicom.ae_title
         self._timeout = dicom.mpps_forward_timeout_seconds
         self._batch_size = batch_size
@@ -83,10 +87,13 @@ class MppsForwarder:
         rows = self._pending(destination)
         if not rows:
             return ForwardReport()
+        source = self._tls.get(destination.key)
+        tls = ((source.context, expected_server_name(destination.tls, destination.host))
+               if source is not None else None)
         try:
             assoc = associate(destination.host, destination.port,
                               called_aet=destination.ae_title, calling_aet=self._calling_aet,
-                              timeout=self._timeout)
+                              timeout=self._timeout, tls=tls)
         except MppsScuError as exc:
             # The whole batch waits (or dies) together: the next run does not knock on a
             # closed door once per row.

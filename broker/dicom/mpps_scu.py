@@ -9,6 +9,9 @@ so the two commands agree without remembering anything in between.
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import socket
+import ssl
 import uuid
 from dataclasses import dataclass
 from typing import Literal
@@ -17,6 +20,8 @@ from pydicom import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
+
+from broker.tls import handshake_failure
 
 MppsAction = Literal["in-progress", "completed", "discontinued"]
 
@@ -119,9 +124,38 @@ def set_dataset(status: str) -> Dataset:
     return ds
 
 
+class _NoTlsTraceback(logging.Filter):
+    """pynetdicom logs a failed TLS connect with a traceback; the caller reports it in one
+    line with the reason (:func:`_tls_failure`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], ssl.SSLError))
+
+
+_TLS_FILTER = _NoTlsTraceback()
+
+TlsArgs = tuple[ssl.SSLContext, str | None]  # context, name the peer's certificate must carry
+
+
+def _tls_failure(host: str, port: int, tls: TlsArgs, timeout: float) -> str:
+    """Why a TLS connection fails: pynetdicom only logs it, so ask the peer once more."""
+    context, server_name = tls
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=server_name):
+            return "no TCP connection"
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed: {handshake_failure(exc)}"
+    except OSError as exc:
+        return f"no TCP connection ({exc.strerror or exc})"
+
+
 def associate(host: str, port: int, *, called_aet: str, calling_aet: str,
-              timeout: float) -> Association:
-    """An association proposing the MPPS SOP Class, or :class:`MppsScuError` saying why not."""
+              timeout: float, tls: TlsArgs | None = None) -> Association:
+    """An association proposing the MPPS SOP Class, or :class:`MppsScuError` saying why not.
+
+    With ``tls`` (context, expected server name) the association runs over TLS.
+    """
     ae = AE(ae_title=calling_aet)
     ae.add_requested_context(ModalityPerformedProcedureStep)
     ae.connection_timeout = timeout
@@ -129,13 +163,16 @@ def associate(host: str, port: int, *, called_aet: str, calling_aet: str,
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     connected: list[bool] = []
-    assoc = ae.associate(host, port, ae_title=called_aet,
+    if tls is not None:
+        logging.getLogger("pynetdicom.transport").addFilter(_TLS_FILTER)  # once: same object
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls,
                          evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))])
     if assoc.is_established:
         return assoc
     where = f"{called_aet} at {host}:{port}"
     if not connected:
-        raise MppsScuError(f"cannot reach {where}: no TCP connection")
+        reason = _tls_failure(host, port, tls, timeout) if tls else "no TCP connection"
+        raise MppsScuError(f"cannot reach {where}: {reason}")
     answer = assoc.acceptor.primitive
     if assoc.is_rejected:
         permanent = answer is not None and answer.result == _REJECTED_PERMANENT

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
+import threading
 import time
 from collections.abc import Iterator
 
@@ -37,6 +39,13 @@ from broker.errors import ConfigError
 from broker.matching import InvalidQuery, find_worklist
 from broker.site_policy import apply_site_policy
 from broker.store import Store
+from broker.tls import (
+    ContextSource,
+    format_subject,
+    handshake_failure,
+    subject_allowed,
+    subject_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,18 @@ class _QuickAckSocket(socket.socket):
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
+class _QuickAckSSLSocket(ssl.SSLSocket):
+    """The same for a TLS connection: pynetdicom reads through the SSLSocket's recv(), and
+    without it a TLS poll of a few matches measured ~50 ms slower than a plain one."""
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        try:
+            self.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+        except OSError:
+            pass
+        return super().recv(buflen, flags)
+
+
 def _on_conn_open(event: Event) -> None:
     # Each C-FIND response is a small PDU written right after the previous one; with Nagle's
     # algorithm and the peer's delayed ACK every query would wait ~40 ms.
@@ -88,6 +109,8 @@ def _on_conn_open(event: Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if _TCP_QUICKACK is not None and type(sock) is socket.socket:
             sock.__class__ = _QuickAckSocket
+        elif _TCP_QUICKACK is not None and type(sock) is ssl.SSLSocket:
+            sock.__class__ = _QuickAckSSLSocket
 
 
 def _on_rejected(_event: Event) -> None:
@@ -142,14 +165,62 @@ def _pace(assoc: Association, timeout: float) -> None:
         time.sleep(0.001)
 
 
+# A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE title not recognised
+# (PS3.8 9.3.4): what a modality presenting the wrong certificate for its AE title gets.
+_REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+
+
+class _TlsAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's server with the TLS handshake moved out of the accepting thread.
+
+    pynetdicom wraps each accepted socket with a handshake in the thread that accepts: one
+    client that connects and says nothing would stop the port from accepting anyone else.
+    Here the handshake runs in the connection's own thread, bounded by a timeout, and the
+    context is asked for at every connection, so that a reload (SIGHUP) applies.
+    """
+
+    source: ContextSource
+    handshake_timeout: float = 10.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        try:
+            wrapped = self.source.context.wrap_socket(client, server_side=True,
+                                                      do_handshake_on_connect=False)
+        except OSError:
+            client.close()
+            raise
+        return wrapped, address
+
+    def process_request_thread(self, request: socket.socket | tuple[bytes, socket.socket],
+                               client_address: tuple[str, int] | str) -> None:
+        assert isinstance(request, ssl.SSLSocket)
+        timeout = request.gettimeout()
+        try:
+            request.settimeout(self.handshake_timeout)
+            request.do_handshake()
+            request.settimeout(timeout)
+        except (OSError, ValueError) as exc:  # SSLError, timeout, reset
+            log.warning("DICOM TLS handshake with %s failed: %s", client_address,
+                        handshake_failure(exc))
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
 class DicomServer:
     """The broker's DICOM application entity, listening without blocking the caller."""
 
     def __init__(self, config: DicomConfig, store: Store,
-                 reporting: StatusReporting = DEFAULT_REPORTING) -> None:
+                 reporting: StatusReporting = DEFAULT_REPORTING,
+                 tls: ContextSource | None = None) -> None:
         self._config = config
         self._store = store
         self._reporting = reporting
+        self._tls = tls
+        self._tls_server: _TlsAssociationServer | None = None
+        self._tls_thread: threading.Thread | None = None
         # Who was given which item, and what each modality asked: written off the C-FIND
         # path by the recorder's own thread, between start() and stop().
         self.recorder = (QueryRecorder(store, flush_seconds=config.record_flush_seconds,
@@ -192,6 +263,7 @@ class DicomServer:
         return [
             (evt.EVT_CONN_OPEN, _on_conn_open),
             (evt.EVT_REJECTED, _on_rejected),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, _on_echo),
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_N_CREATE, self._on_n_create),
@@ -200,22 +272,53 @@ class DicomServer:
         ]
 
     def start(self) -> None:
-        """Listen on the configured address; raises OSError if the port cannot be bound."""
-        if self._server is not None:
+        """Listen on the configured address(es); raises OSError if a port cannot be bound."""
+        if self._server is not None or self._tls_server is not None:
             return
-        self._server = self._ae.start_server(
-            (self._config.host, self._config.port), block=False,
-            evt_handlers=self._handlers())  # type: ignore[arg-type]
-        self._bound_port = int(self._server.socket.getsockname()[1])  # type: ignore[union-attr]
+        if self._config.tls.plain_port:
+            self._server = self._ae.start_server(
+                (self._config.host, self._config.port), block=False,
+                evt_handlers=self._handlers())  # type: ignore[arg-type]
+            self._bound_port = int(
+                self._server.socket.getsockname()[1])  # type: ignore[union-attr]
+            log.info("DICOM SCP %s listening on %s:%d", self._config.ae_title,
+                     self._config.host, self.port)
+        if self._tls is not None:
+            try:
+                self._start_tls(self._tls)
+            except BaseException:
+                self.stop()
+                raise
         if self.recorder is not None:
             self.recorder.start()
-        log.info("DICOM SCP %s listening on %s:%d", self._config.ae_title, self._config.host,
-                 self.port)
+
+    def _start_tls(self, source: ContextSource) -> None:
+        # One AE serving two ports: the same handlers and contexts on both.
+        server = self._ae.make_server(
+            (self._config.host, self._config.tls.port or 0), ssl_context=source.context,
+            evt_handlers=self._handlers(),  # type: ignore[arg-type]
+            server_class=_TlsAssociationServer)
+        server.source = source
+        server.handshake_timeout = self._config.tls.handshake_timeout_seconds
+        # As start_server does: the AE's shutdown() and the server's own look for it there.
+        self._ae._servers.append(server)
+        self._tls_server = server
+        self._tls_thread = threading.Thread(target=server.serve_forever,
+                                            name="dicom-tls-acceptor", daemon=True)
+        self._tls_thread.start()
+        log.info("DICOM SCP %s listening with TLS on %s:%d", self._config.ae_title,
+                 self._config.host, self.tls_port)
+
+    @property
+    def tls_port(self) -> int | None:
+        if self._tls_server is not None and self._tls_server.socket is not None:
+            return int(self._tls_server.socket.getsockname()[1])
+        return self._config.tls.port if self._tls is not None else None
 
     @property
     def running(self) -> bool:
-        """Listening now (for /health)."""
-        return self._server is not None
+        """Listening now, on the plain port, the TLS port or both (for /health)."""
+        return self._server is not None or self._tls_server is not None
 
     def open_associations(self) -> int:
         """Associations established now (for /metrics and the status page)."""
@@ -230,9 +333,12 @@ class DicomServer:
     def stop(self) -> None:
         """Stop listening, abort the open associations and wait for their threads."""
         server, self._server = self._server, None
-        if server is None:
+        tls_server, self._tls_server = self._tls_server, None
+        if server is None and tls_server is None:
             return
-        server.shutdown()
+        for listening in (server, tls_server):
+            if listening is not None:
+                listening.shutdown()  # also closes its socket
         associations = list(self._ae.active_associations)
         established = [assoc for assoc in associations if assoc.is_established]
         for assoc in associations:
@@ -249,6 +355,33 @@ class DicomServer:
             # After the associations: what their last C-FINDs gave is written too.
             self.recorder.stop()
         log.info("DICOM SCP stopped")
+
+    # --- association ----------------------------------------------------------------
+
+    def _on_requested(self, event: Event) -> None:
+        """Log who asks over TLS, and hold a calling AE title to its certificate subjects."""
+        assoc = event.assoc
+        sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+        # Only the request itself is known yet (requestor.ae_title is set on acceptance).
+        primitive = assoc.requestor.primitive
+        calling_ae = str(primitive.calling_ae_title).strip() if primitive is not None else ""
+        over_tls = isinstance(sock, ssl.SSLSocket)
+        subject = subject_of(sock.getpeercert()) if isinstance(sock, ssl.SSLSocket) else ()
+        if over_tls:
+            log.info("DICOM TLS association request calling_ae=%s from %s: client "
+                     "certificate %s", calling_ae, assoc.requestor.address,
+                     format_subject(subject) or "none")
+        allowed = self._config.tls.allowed_subjects.get(calling_ae)
+        if allowed is None or subject_allowed(subject, allowed):
+            return
+        log.warning("association rejected calling_ae=%s from %s: %s", calling_ae,
+                    assoc.requestor.address,
+                    f"certificate subject {format_subject(subject)} is not allowed for that AE "
+                    "title" if subject else "that AE title must present a client certificate")
+        # As pynetdicom's own ACSE does for a calling AE title it refuses.
+        assoc.acse.send_reject(*_REJECT_CALLING_AE)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
 
     # --- C-FIND ---------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ for a PACS, recording every N-CREATE / N-SET it receives."""
 
 from __future__ import annotations
 
+import ssl
 import threading
 from dataclasses import dataclass
 
@@ -30,7 +31,8 @@ class DownstreamMpps:
 
     def __init__(self, port: int | None = None, *, ae_title: str = "PACS", status: int = 0,
                  allowed_calling_ae_titles: list[str] | None = None,
-                 mpps_supported: bool = True) -> None:
+                 mpps_supported: bool = True,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.port = port or free_port()
         self.status = status
         self.lose_responses = 0
@@ -44,6 +46,7 @@ class DownstreamMpps:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
         self._server: ThreadedAssociationServer = ae.start_server(
             ("127.0.0.1", self.port), block=False,
+            ssl_context=ssl_context,
             evt_handlers=[(evt.EVT_N_CREATE, self._on_create), (evt.EVT_N_SET, self._on_set)])
 
     def _answer(self, event: Event, operation: str, uid: str, dataset: Dataset,
