@@ -248,7 +248,7 @@ def salvage_header(raw: bytes) -> ParsedMessage | None:
     if len(header) < 5:
         return None
     sep = header[3]
-    if sep.isalnum() or sep.isspace():
+    if not _delimiter_character(sep):
         return None
     try:
         delimiters = _delimiters(sep, header[4:].split(sep, 1)[0])
@@ -261,6 +261,12 @@ def salvage_header(raw: bytes) -> ParsedMessage | None:
     return message
 
 
+def _delimiter_character(char: str) -> bool:
+    """Any character but an ASCII letter, digit or space may delimit (bytes
+    of other character sets, e.g. 0xA6, are read as Latin-1 and may be letters there)."""
+    return not (char.isascii() and (char.isalnum() or char.isspace()))
+
+
 def _fallback_delimiters(sep: str) -> Delimiters:
     """HL7's defaults, minus whichever one the sender took as its field separator."""
     spare = iter(c for c in "^~\\&#$" if c != sep)
@@ -271,7 +277,7 @@ def _delimiters(sep: str, declared: str) -> Delimiters:
     """Delimiters from MSH-1 and MSH-2: three characters (no subcomponents) to five (v2.7's
     truncation character), all distinct."""
     if not 3 <= len(declared) <= 5 or len(set(sep + declared)) != len(declared) + 1 or (
-            sep.isalnum() or any(c.isalnum() or c.isspace() for c in declared)):
+            not all(_delimiter_character(c) for c in sep + declared)):
         raise MessageError(f"MSH-2 {declared!r} does not declare distinct encoding characters "
                            "(component, repetition, escape[, subcomponent[, truncation]])")
     chars = declared.ljust(5, "\0")
