@@ -87,6 +87,10 @@ class Order:
     procedure: ProcedureData
     message_control_id: str = ""
     order_status: str | None = None  # ORC-5 (table 0038), read for SC
+    # The item's attributes become exactly the order's (what it leaves out is removed), as a
+    # REST PUT of a whole worklist item means; HL7 orders update, keeping what they omit. The
+    # patient's demographics are shared by the patient's other orders: always updated.
+    replace: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,14 +108,15 @@ def merge_datasets(stored: str | None, given: str | None) -> str | None:
     return json.dumps(dict(sorted(old.items())), ensure_ascii=False, separators=(",", ":"))
 
 
-def _fill_item(item: WorklistItem, data: ProcedureData) -> None:
+def _fill_item(item: WorklistItem, data: ProcedureData, *, replace: bool = False) -> None:
     for name in ProcedureData.__slots__:
         if name in ("accession_number", "study_instance_uid", "item_dataset"):
             continue
         value = getattr(data, name)
-        if value is not None:
+        if value is not None or replace:
             setattr(item, name, value)
-    item.item_dataset = merge_datasets(item.item_dataset, data.item_dataset)
+    item.item_dataset = (data.item_dataset if replace
+                         else merge_datasets(item.item_dataset, data.item_dataset))
 
 
 def _find_item(session: Session, accession: str, known: Known | None = None
@@ -216,7 +217,7 @@ def apply_order(session: Session, order: Order, *, uid_root: str,
         # A new order reusing a cancelled accession puts it back on the worklist.
         item.status = ItemStatus.SCHEDULED
     item.patient = patient
-    _fill_item(item, order.procedure)
+    _fill_item(item, order.procedure, replace=order.replace)
     item.last_message_control_id = order.message_control_id
     if item.status != previous_status:
         report_order_status(session, reporting, item)

@@ -13,6 +13,7 @@ for the timeline and purged with the others).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -153,7 +154,9 @@ def _order(body: dict[str, Any], *, control: OrderControl, accession: str | None
         raise TagsError(str(exc)) from None
     if not order.procedure.accession_number:
         raise TagsError("AccessionNumber is missing: the broker keys every item by it")
-    return Order(control, order.patient, order.procedure, message_control_id="rest-api")
+    # PUT replaces the item's attributes (Orthanc's plugin rewrites the whole file).
+    return Order(control, order.patient, order.procedure, message_control_id="rest-api",
+                 replace=control is OrderControl.CHANGE)
 
 
 def _exists(session: Any, accession: str) -> WorklistItem | None:
@@ -171,8 +174,7 @@ def _store_order(c: Console, request: Request, order: Order, action: str,
                 return _error(409, f"an item with AccessionNumber {accession!r} exists; "
                               f"PUT /worklists/{accession} changes it")
             if order.control is OrderControl.CHANGE and existing is None:
-                order = Order(OrderControl.NEW, order.patient, order.procedure,
-                              message_control_id=order.message_control_id)
+                order = replace(order, control=OrderControl.NEW)
             apply_order(session, order, uid_root=c.services.uid_root,
                         reporting=c.config.ris.status_messages.reporting())
             audit.record(session, user=request.state.principal.name, action=action,

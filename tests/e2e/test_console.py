@@ -170,11 +170,20 @@ def test_order_created_over_orthanc_api_is_found_by_findscu(broker: BrokerProces
         assert one["ID"] == "ORT-E2E-1"
         assert one["Tags"]["ScheduledProcedureStepSequence"][0]["Modality"] == "US"
         assert any(w["ID"] == "ORT-E2E-1" for w in http.get("/worklists").json())
-        # PUT replaces the attributes, the ID stays.
+        # PUT replaces the attributes, the ID stays: what the new body leaves out is gone.
         body["Tags"]["PatientName"] = "TOTO^ANNE"
+        body["Tags"]["ScheduledProcedureStepSequence"][0].pop("ScheduledStationAETitle")
+        body["Tags"]["ScheduledProcedureStepSequence"][0]["Modality"] = "DX"
         assert http.put("/worklists/ORT-E2E-1", json=body).json()["ID"] == "ORT-E2E-1"
-        assert http.get("/worklists/ORT-E2E-1?format=Short").json()["Tags"]["0010,0010"] == (
-            "TOTO^ANNE")
+        replaced = http.get("/worklists/ORT-E2E-1?format=Short").json()["Tags"]
+        assert replaced["0010,0010"] == "TOTO^ANNE"
+        step = replaced["0040,0100"][0]
+        assert step["0008,0060"] == "DX"
+        assert not step.get("0040,0001")  # no station any more
+        rows = findscu(broker.dicom_port, "AccessionNumber=ORT-E2E-1",
+                       "(0040,0100)[0].ScheduledStationAETitle=US_ROOM1",
+                       out_dir=tmp_path / "q1b")
+        assert rows == []
         assert http.delete("/worklists/ORT-E2E-1").json() == {}
         assert http.get("/worklists/ORT-E2E-1").status_code == 404
         assert findscu(broker.dicom_port, "AccessionNumber=ORT-E2E-1",
