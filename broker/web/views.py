@@ -295,7 +295,10 @@ def message_summary(m: InboundMessage) -> dict[str, Any]:
     return {"id": m.id, "received_at": _stamp(m.received_at), "sender": m.sender,
             "control_id": m.control_id, "message_type": m.message_type,
             "accession_number": m.accession_number, "outcome": m.outcome,
-            "ack_code": m.ack_code, "reason": m.reason}
+            "ack_code": m.ack_code, "reason": m.reason,
+            # Applied all the same, with what its ACK warned of (a reused control ID, no
+            # scheduled start): an administrator must see the RIS misbehaving.
+            "warnings": (m.warnings or "").splitlines()}
 
 
 def messages(store: Store, *, failed_only: bool = False, limit: int = 100) -> dict[str, Any]:

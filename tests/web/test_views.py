@@ -102,3 +102,26 @@ def test_cross_site_posts_are_refused_even_on_the_open_console(client):
                        content=b'{"Tags": {}}').status_code == 403
     same = {"Origin": "http://testserver"}
     assert client.post("/api/queues/outbox/999/drop", headers=same).status_code == 409
+
+
+def test_messages_show_what_an_accepted_message_was_warned_of(client, store):
+    from pathlib import Path
+
+    from hl7_listener.handler import OrderMessageHandler
+    from hl7_listener.mapping import load_mapping
+    from tests.messages import orm
+
+    handler = OrderMessageHandler(
+        store, load_mapping(Path(__file__).resolve().parents[2] / "config" / "mapping.yaml"),
+        uid_root="1.2.3", sending_application="WLB", sending_facility="")
+    handler.handle(orm(control_id="CTRL-1", accession="DUPA1").encode())
+    handler.handle(orm(control_id="CTRL-1", accession="DUPB2").encode())
+    listed = client.get("/api/messages").json()
+    newest = next(m for m in listed["recent"] if m["accession_number"] == "DUPB2")
+    assert newest["ack_code"] == "AA"
+    assert newest["warnings"] == ["control ID CTRL-1 reused with different content: "
+                                  "processed as a new message"]
+    page = client.get("/messages").text
+    assert "warning: control ID CTRL-1 reused with different content" in page
+    one = client.get(f"/messages/{newest['id']}").text
+    assert "reused with different content" in one
