@@ -129,7 +129,8 @@ class Broker:
             uid_root=config.uid_root)
         metrics.ASSOCIATIONS_OPEN.set_function(self.dicom.open_associations)
         return WebServer(create_app(self.store, config, services), host=web.host,
-                         port=web.port)
+                         port=web.port, plain=web.tls.plain_port, tls_port=web.tls.port,
+                         tls=self.web_tls)
 
     def _build_tls(self, config: BrokerConfig) -> None:
         base = config.base_dir
@@ -137,6 +138,8 @@ class Broker:
         self.hl7_tls = listener_source(config.hl7.tls, base_dir=base, where="hl7.tls")
         self.ris_tls = (client_source(config.ris.tls, host=config.ris.host, base_dir=base,
                                       where="ris.tls") if config.ris.enabled else None)
+        self.web_tls = (listener_source(config.web.tls, base_dir=base, where="web.tls")
+                        if config.web.enabled else None)
         self.mpps_forward_tls: dict[str, ContextSource] = {}
         for index, destination in enumerate(config.dicom.mpps_forward):
             source = client_source(destination.tls, host=destination.host, base_dir=base,
@@ -145,14 +148,21 @@ class Broker:
                 self.mpps_forward_tls[destination.key] = source
 
     def tls_sources(self) -> list[ContextSource]:
-        sources = [self.dicom_tls, self.hl7_tls, self.ris_tls, *self.mpps_forward_tls.values()]
+        sources = [self.dicom_tls, self.hl7_tls, self.ris_tls, self.web_tls,
+                   *self.mpps_forward_tls.values()]
         return [source for source in sources if source is not None]
 
     def reload_tls(self) -> bool:
         """Read every certificate and key again (SIGHUP); new connections use them, open ones
         keep theirs. A link whose files are broken keeps its previous ones."""
-        results = [source.reload() for source in self.tls_sources()]
-        return all(results)
+        results = {source.where: source.reload() for source in self.tls_sources()}
+        if results.get("web.tls") and self.web is not None:
+            try:
+                self.web.restart_tls()
+            except OSError as exc:
+                log.error("the console's HTTPS port did not start again: %s", exc)
+                return False
+        return all(results.values())
 
     def load_samples(self, directory: Path, today: dt.date | None = None) -> int:
         """Send the sample orders through the same path as orders from the RIS; returns how
@@ -239,7 +249,7 @@ class Broker:
                  ", ".join(d.key for d in self.config.dicom.mpps_forward) or "none",
                  f"of {self.orthanc.source} (on_study {self.config.orthanc.on_study})"
                  if self.orthanc else "not followed",
-                 f"http://{self.config.web.host}:{self.web.port}/" if self.web else "off")
+                 " and ".join(self.web.urls) if self.web else "off")
 
     def stop(self) -> None:
         if self.scheduler.running:

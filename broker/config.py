@@ -431,6 +431,9 @@ class WebConfig(_Section):
     login_failures_before_delay: int = Field(3, ge=1)
     # Send the session cookie only over HTTPS (set when a TLS proxy is in front).
     secure_cookie: bool = False
+    # HTTPS: a TLS port beside the plain one (web.port), or instead of it (plain_port: false);
+    # the same keys and defaults as dicom.tls and hl7.tls.
+    tls: TlsListenerConfig = TlsListenerConfig()
 
     @field_validator("users")
     @classmethod

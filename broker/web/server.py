@@ -4,29 +4,36 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 
 import uvicorn
 from fastapi import FastAPI
 
+from broker.tls import ContextSource
+
 log = logging.getLogger(__name__)
 
 _START_SECONDS = 10.0
 
 
-class WebServer:
-    """uvicorn on its own thread and event loop, started and stopped by the composition
-    root like the other listeners. The socket is bound here, before the thread starts, so a
-    port in use fails ``start`` at once with OSError (as the DICOM and HL7 listeners do)."""
+class _Uvicorn:
+    """One uvicorn server on its own thread, event loop and pre-bound socket."""
 
-    def __init__(self, app: FastAPI, *, host: str, port: int) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int,
+                 ssl_context: ssl.SSLContext | None) -> None:
         self._app = app
         self._host = host
         self._port = port
+        self._ssl = ssl_context
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self._ssl else 'http'}://{self._host}:{self.port}/"
 
     @property
     def port(self) -> int:
@@ -56,6 +63,10 @@ class WebServer:
                                 lifespan="off", timeout_graceful_shutdown=3,
                                 # Slow clients must not hold connections forever.
                                 timeout_keep_alive=5, limit_concurrency=200)
+        config.load()
+        # The broker's own context (broker/tls.py: its ciphers, client certificates), not
+        # one uvicorn would build from file names.
+        config.ssl = self._ssl
         self._server = uvicorn.Server(config)
         # Signals belong to the main thread (worklist-broker serve's loop).
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -70,7 +81,7 @@ class WebServer:
             time.sleep(0.01)
         if not self._thread.is_alive():
             raise OSError("the web server stopped at start-up")
-        log.info("console listening on http://%s:%d/", self._host, self.port)
+        log.info("console listening on %s", self.url)
 
     def stop(self) -> None:
         server, thread = self._server, self._thread
@@ -82,4 +93,72 @@ class WebServer:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+class WebServer:
+    """The console on HTTP, HTTPS (``web.tls``) or both, started and stopped by the
+    composition root like the other listeners. Each socket is bound before its thread starts,
+    so a port in use fails ``start`` at once with OSError (as the DICOM and HL7 listeners
+    do)."""
+
+    def __init__(self, app: FastAPI, *, host: str, port: int, plain: bool = True,
+                 tls_port: int | None = None, tls: ContextSource | None = None) -> None:
+        self._app = app
+        self._host = host
+        self._plain = _Uvicorn(app, host, port, None) if plain else None
+        self._tls_port = tls_port
+        self._tls = tls
+        self._secure: _Uvicorn | None = None
+
+    def _new_secure(self) -> _Uvicorn | None:
+        if self._tls is None or self._tls_port is None:
+            return None
+        return _Uvicorn(self._app, self._host, self._tls_port, self._tls.context)
+
+    @property
+    def port(self) -> int:
+        """The plain port, else the TLS one."""
+        if self._plain is not None:
+            return self._plain.port
+        return self._secure.port if self._secure is not None else self._tls_port or 0
+
+    @property
+    def tls_port(self) -> int | None:
+        return self._secure.port if self._secure is not None else self._tls_port
+
+    @property
+    def urls(self) -> list[str]:
+        return [server.url for server in (self._plain, self._secure) if server is not None]
+
+    @property
+    def running(self) -> bool:
+        servers = [server for server in (self._plain, self._secure) if server is not None]
+        return bool(servers) and all(server.running for server in servers)
+
+    def start(self) -> None:
+        if self._plain is not None:
+            self._plain.start()
+        self._secure = self._new_secure()
+        if self._secure is not None:
+            try:
+                self._secure.start()
+            except OSError:
+                if self._plain is not None:
+                    self._plain.stop()
+                raise
+
+    def restart_tls(self) -> None:
+        """Serve HTTPS with the certificates as they are now (after a reload: uvicorn keeps
+        the context it started with, so its server starts again; HTTP is not touched)."""
+        if self._secure is None:
+            return
+        self._secure.stop()
+        self._secure = self._new_secure()
+        if self._secure is not None:
+            self._secure.start()
+
+    def stop(self) -> None:
+        for server in (self._secure, self._plain):
+            if server is not None:
+                server.stop()
         log.info("console stopped")

@@ -72,9 +72,12 @@ def start_broker(directory: Path, *extra_args: str, **config: object) -> BrokerP
     directory.mkdir(parents=True, exist_ok=True)
     config_path, dicom_port, hl7_port, web_port = write_config(
         directory, **config)  # type: ignore[arg-type]
-    web_enabled = bool((config.get("web") or {}).get("enabled", True))  # type: ignore[union-attr]
+    web: dict[str, object] = config.get("web") or {}  # type: ignore[assignment]
+    # Waited for only when the console serves plain HTTP (a test of HTTPS waits itself).
+    plain_web = bool(web.get("enabled", True)) and bool(
+        (web.get("tls") or {}).get("plain_port", True))  # type: ignore[union-attr]
     return launch(directory, config_path, dicom_port, hl7_port, *extra_args,
-                  web_port=web_port if web_enabled else 0)
+                  web_port=web_port if plain_web else 0)
 
 
 def launch(directory: Path, config_path: Path, dicom_port: int, hl7_port: int,

@@ -151,3 +151,44 @@ def test_broken_certificate_files_stop_startup_with_one_line(tmp_path: Path, pki
     assert len(lines) == 1 and re.search(message, lines[0]), done.stderr
     assert not (tmp_path / "worklist.db").exists()  # stopped before opening anything
     assert not listening(hl7_port) and not listening(dicom_port)
+
+
+def test_the_console_over_https_with_client_certificates_and_a_reload(tmp_path: Path,
+                                                                      pki: Pki) -> None:
+    import httpx
+
+    certs = _copy_certs(pki, tmp_path)
+    https = free_port()
+    broker = start_broker(tmp_path, web={"tls": {**_listener_tls(https), "plain_port": False}})
+    try:
+        wait_for(lambda: listening(https), what="the console's HTTPS port")
+        import yaml
+
+        plain = yaml.safe_load(broker.config_path.read_text())["web"]["port"]
+        assert not listening(plain)  # plain_port: false
+        with httpx.Client(verify=client_context(pki), timeout=10) as http:
+            health = http.get(f"https://localhost:{https}/health")
+            assert health.status_code == 200 and health.json()["status"] == "ok"
+            assert http.get(f"https://localhost:{https}/api/worklist").status_code == 200
+        with (httpx.Client(verify=client_context(pki, client=None), timeout=10) as anonymous,
+              pytest.raises(httpx.HTTPError)):
+            anonymous.get(f"https://localhost:{https}/health")  # no client certificate
+        assert _peer_common_name(https, pki) == "localhost"
+        shutil.copy(pki.cert("renewed"), certs / "server.pem")
+        shutil.copy(pki.key("renewed"), certs / "server.key")
+        broker.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "TLS certificates of web.tls reloaded" in broker.log(),
+                 what="the console's certificates to be reloaded")
+        wait_for(lambda: _common_name_or_none(https, pki) == "renewed.localhost",
+                 what="the HTTPS port to serve the renewed certificate")
+    finally:
+        assert broker.stop() == 0
+    assert "Traceback" not in broker.log()
+    assert f"https://127.0.0.1:{https}/" in broker.log()
+
+
+def _common_name_or_none(port: int, pki: Pki) -> str | None:
+    try:
+        return _peer_common_name(port, pki)
+    except OSError:
+        return None  # the port is starting again on the new files
