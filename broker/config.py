@@ -410,7 +410,9 @@ class WebUser(_Section):
     """One console user; ``password_hash`` is what ``worklist-broker hash-password`` prints."""
 
     name: str = Field(min_length=1, max_length=64)
-    password_hash: str = Field(min_length=1)
+    # What `worklist-broker hash-password` prints; a mistyped one would lock the user out
+    # without a word, so its shape is checked when the config loads.
+    password_hash: str = Field(pattern=r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$")
     role: WebRole = "viewer"
 
 

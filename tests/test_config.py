@@ -68,6 +68,8 @@ def test_mpps_forward_destinations_from_the_file_or_the_environment(tmp_path):
      "dicom.mpps_forward.0.aet: unknown key"),
     ("dicom: {mpps_forward: [{ae_title: PACS, host: h, port: 104}, "
      "{ae_title: PACS, host: h, port: 104}]}\n", {}, "destination listed twice: PACS@h:104"),
+    ("web: {users: [{name: a, password_hash: 'my-password'}]}\n", {},
+     "web.users.0.password_hash: String should match pattern"),
 ])
 def test_invalid_config_names_the_key(tmp_path, yaml_text, environ, message):
     (tmp_path / "mapping.yaml").write_text((REPO / "config" / "mapping.yaml").read_text())
