@@ -503,6 +503,13 @@ def parse(raw: bytes, charset_fallback: str | None = None) -> ParsedMessage:
         exc.message = exc.message or salvage_header(raw)
         raise
     message.codec = codec
+    d = message.delimiters
+    if any(len(char.encode(codec, errors="replace")) != 1
+           for char in d.field + d.encoding_characters):
+        # A delimiter of several bytes (e.g. U+FEFF as MSH-1 in UTF-8) cannot frame fields
+        # for byte-oriented readers, our ACK's included: answer from the raw bytes.
+        raise MessageError("MSH-1/MSH-2 delimiters must be single-byte characters",
+                           SEGMENT_SEQUENCE_ERROR, salvage_header(raw))
     declared = message.delimiters.encoding_characters
     if len(declared) != 4:
         quirks.append(f"MSH-2 {declared!r} with {len(declared)} encoding characters")

@@ -99,6 +99,8 @@ def handler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrderMessageHa
 # Found by bench/fuzz.py: a line end right after "MSH".
 @example(raw=b"MSH\n|^~;&|RIS|HOSP|WLB|HOSP|20261129080000||AKT^A08|ADT-1|P|2.4\rO\r")
 @example(raw=b"MSH\xff\xff\xff\xff\xff\xff\xff\xff\xffMSH|\xff\xff^")  # 0xFF is a letter in Latin-1
+@example(raw="MSH\ufeff^~\\&\ufeffRIS\ufeffH\ufeff\ufeff\ufeff\ufeff\ufeffORM^O01\ufeffC-9\ufeffP"
+         "\ufeff2.5\r".encode())  # a multi-byte MSH-1 (found by hypothesis)
 def test_any_mutated_message_gets_a_well_formed_ack_naming_it(handler, raw):
     check_ack(raw, handler.handle(raw))
 
