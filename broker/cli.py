@@ -102,7 +102,8 @@ def _purge(args: argparse.Namespace) -> int:
     from broker.purge import purge
 
     with _store(args) as (config, store):
-        result = purge(store, retention=config.jobs.retention(), dry_run=args.dry_run)
+        result = purge(store, retention=config.jobs.retention_with(config.audit),
+                       dry_run=args.dry_run)
     if result.skipped:
         print("error: another broker or purge command is purging this database now; "
               "nothing deleted", file=sys.stderr)
@@ -111,7 +112,8 @@ def _purge(args: argparse.Namespace) -> int:
     print(f"{verb}: {result.worklist_items} worklist items, {result.mpps} MPPS records, "
           f"{result.patients} patients, {result.outbox} sent status messages, "
           f"{result.inbound_messages} logged HL7 messages, "
-          f"{result.mpps_forwards} forwarded MPPS copies, {result.studies} recorded studies")
+          f"{result.mpps_forwards} forwarded MPPS copies, {result.studies} recorded studies, "
+          f"{result.audit_events} audit events")
     return 0
 
 

@@ -16,6 +16,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from broker import inbound_log, metrics
+from broker.audit import AuditEvent, Kind
+from broker.audit_trail import AuditTrail
 from broker.config import BrokerConfig
 from broker.domain import DEFAULT_REPORTING, PatientMerge, StatusReporting
 from broker.errors import InvalidOrder, UnsupportedMessage
@@ -83,8 +85,11 @@ class OrderMessageHandler:
     def __init__(self, store: Store, mapping: Mapping, *, uid_root: str,
                  sending_application: str, sending_facility: str,
                  existing_order: str = "update", charset_fallback: str | None = None,
-                 reporting: StatusReporting = DEFAULT_REPORTING) -> None:
+                 reporting: StatusReporting = DEFAULT_REPORTING,
+                 audit: AuditTrail | None = None) -> None:
         self.store = store
+        # Every message received and its ACK code; set by the composition root.
+        self.audit = audit
         # Replaced as a whole (never mutated) when the mapping is reloaded.
         self.mapping = mapping
         self.uid_root = uid_root
@@ -114,6 +119,9 @@ class OrderMessageHandler:
             return self._refuse(header, raw, "AR", reason, ErrorDetail(code))
         log.warning("message rejected before parsing: %s", reason)
         metrics.observe_hl7("", "AR")
+        if self.audit is not None:
+            self.audit.record(AuditEvent(Kind.HL7_RECEIVED, "", "AR",
+                                         detail={"control_id": "", "reason": reason}))
         ack = self._ack(None, "AR", reason, ErrorDetail(code))
         self._keep_rejection(None, raw, "AR", reason, ack)
         return ack
@@ -205,7 +213,7 @@ class OrderMessageHandler:
                 raise
             return self._resent(msg, previous)
         # Only now, after the commit, may the RIS be told the message is safe.
-        self._log(msg, "AA", detail, warnings)
+        self._log(msg, "AA", detail, warnings, accession=plan.accession)
         return ack
 
     def _previous_ack(self, sender: str, msg: ParsedMessage, digest: str) -> bytes | None:
@@ -292,10 +300,15 @@ class OrderMessageHandler:
                       msg.control_id if msg else "", str(getattr(exc, "orig", exc)
                                                          ).splitlines()[0])
 
-    @staticmethod
-    def _log(msg: ParsedMessage, code: str, detail: str, warnings: list[str] | None = None,
-             ) -> None:
+    def _log(self, msg: ParsedMessage, code: str, detail: str,
+             warnings: list[str] | None = None, *, accession: str | None = None) -> None:
         metrics.observe_hl7(f"{msg.message_type}^{msg.trigger_event}", code)
+        if self.audit is not None:
+            self.audit.record(AuditEvent(
+                Kind.HL7_RECEIVED, self._sender(msg), code,
+                accessions=(accession,) if accession else (),
+                detail={"control_id": msg.control_id,
+                        "message_type": f"{msg.message_type}^{msg.trigger_event}"}))
         level = logging.INFO if code == "AA" and not warnings else logging.WARNING
         detail = "; ".join([detail, *(f"warning: {w}" for w in warnings or ())])
         log.log(level, "msh10=%s type=%s^%s from=%s %s: %s", msg.control_id,
