@@ -92,6 +92,24 @@ def _activity(broker: BrokerProcess, ris: FakeRis, tmp_path: Path) -> None:
         assert deleted.status_code == 200, deleted.text
 
 
+def _audit_page(broker: BrokerProcess) -> None:
+    """The console's audit page is for administrators; its JSON twin has the events."""
+    with httpx.Client(base_url=broker.url, timeout=10) as web:
+        assert web.post("/login", data={"name": "alice", "password": PASSWORD}
+                        ).status_code == 303
+        assert web.get("/audit").status_code == 403  # an operator
+    with httpx.Client(base_url=broker.url, timeout=10) as web:
+        assert web.post("/login", data={"name": "sec", "password": PASSWORD}
+                        ).status_code == 303
+        page = web.get("/audit", params={"accession": "ACC-AU-2"})
+        assert page.status_code == 200 and "worklist-delete" in page.text
+        data = web.get("/audit", params={"accession": "ACC-AU-2", "format": "json"}).json()
+        # Newest first on the page.
+        assert [e["kind"] for e in data["events"]] == [
+            "operator-action", "c-find", "hl7-received"]
+        assert web.get("/audit", params={"limit": "0"}).status_code == 400
+
+
 def test_who_saw_an_order_is_in_the_database_the_file_and_syslog(
         tmp_path: Path, database_url: str, collector: Collector):
     ris = FakeRis()
@@ -100,6 +118,8 @@ def test_who_saw_an_order_is_in_the_database_the_file_and_syslog(
         tmp_path, database_url=database_url, ris_port=ris.port,
         dicom={"allowed_calling_ae_titles": ["CT_ROOM1"]},
         web={"users": [{"name": "alice", "role": "operator",
+                        "password_hash": hash_password(PASSWORD)},
+                       {"name": "sec", "role": "admin",
                         "password_hash": hash_password(PASSWORD)}]},
         sections={"audit": {"file": str(audit_file), "syslog_host": "127.0.0.1",
                             "syslog_port": collector.port, "syslog_protocol": "udp",
@@ -109,6 +129,7 @@ def test_who_saw_an_order_is_in_the_database_the_file_and_syslog(
         _activity(broker, ris, tmp_path)
         wait_for(lambda: any(line["kind"] == "operator-action" for line in _lines(audit_file)),
                  timeout=15, what="the operator action's audit line")
+        _audit_page(broker)
     finally:
         assert broker.stop() == 0
         ris.close()
