@@ -122,9 +122,11 @@ def list_events(session: Session, *, accession_number: str | None = None,
         actions = actions.where(OperatorAction.at >= since)
     if kinds:
         query = query.where(AuditRow.kind.in_(list(kinds)))
-    found = [_from_row(row) for row in session.scalars(query)]
+    # Read newest first (the limit keeps the newest), then put oldest first: a stable sort
+    # by time keeps events of the same instant in the order they were written.
+    found = [_from_row(row) for row in session.scalars(query)][::-1]
     if not kinds or Kind.OPERATOR_ACTION in kinds:
-        found += [_from_action(action) for action in session.scalars(actions)]
+        found += [_from_action(action) for action in session.scalars(actions)][::-1]
     found.sort(key=lambda e: e.at)
     return found[-limit:]
 
