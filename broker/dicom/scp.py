@@ -504,8 +504,11 @@ class DicomServer:
         try:
             attribute_list = event.attribute_list
         except Exception as exc:
-            return mpps.failure(mpps.INVALID_ATTRIBUTE_VALUE,
-                                f"cannot decode the attribute list: {exc}"), None
+            refused: mpps.Response = (mpps.failure(
+                mpps.INVALID_ATTRIBUTE_VALUE, f"cannot decode the attribute list: {exc}"), None)
+            self._audit_mpps(event, Kind.MPPS_CREATE, refused, recorded,
+                             event.request.AffectedSOPInstanceUID)
+            return refused
         response = mpps.handle_create(self._store, attribute_list,
                                       sop_instance_uid=event.request.AffectedSOPInstanceUID,
                                       calling_ae_title=_calling_ae(event),
@@ -522,8 +525,12 @@ class DicomServer:
         try:
             modification_list = event.modification_list
         except Exception as exc:
-            return mpps.failure(mpps.INVALID_ATTRIBUTE_VALUE,
-                                f"cannot decode the modification list: {exc}"), None
+            refused: mpps.Response = (mpps.failure(
+                mpps.INVALID_ATTRIBUTE_VALUE, f"cannot decode the modification list: {exc}"),
+                None)
+            self._audit_mpps(event, Kind.MPPS_SET, refused, recorded,
+                             event.request.RequestedSOPInstanceUID)
+            return refused
         response = mpps.handle_set(self._store, modification_list,
                                    sop_instance_uid=event.request.RequestedSOPInstanceUID,
                                    calling_ae_title=_calling_ae(event),

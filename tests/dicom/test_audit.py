@@ -65,3 +65,29 @@ def test_associations_and_cfind_over_tls_are_audited_with_the_certificate_subjec
     assert all(e.address and e.address.startswith("127.0.0.1:") for e in ct1)
     assert [(e.kind, e.tls_subject) for e in unknown] == [(Kind.ASSOCIATION_REJECTED, None)]
     assert [(e.kind, e.tls_subject) for e in echo] == [(Kind.ASSOCIATION_ACCEPTED, None)]
+
+
+def test_mpps_requests_are_audited_with_their_status_and_accessions(
+        audited: tuple[DicomServer, AuditTrail], worklist_store: Store) -> None:
+    from broker.dicom.mpps_scu import mpps_uid_for, send_mpps
+
+    server, trail = audited
+    unknown = send_mpps("completed", accession="ACC-NONE", host="127.0.0.1", port=server.port,
+                        calling_aet="FINDSCU")
+    assert unknown.status != 0
+    started = send_mpps("in-progress", accession="ACC-MR-1", host="127.0.0.1",
+                        port=server.port, calling_aet="FINDSCU", modality="MR")
+    assert started.status == 0
+    done = send_mpps("completed", accession="ACC-MR-1", host="127.0.0.1", port=server.port,
+                     calling_aet="FINDSCU")
+    assert done.status == 0
+    trail.flush()
+    with worklist_store.reading() as session:
+        events = list_events(session, actor="FINDSCU",
+                             kinds=[Kind.MPPS_CREATE, Kind.MPPS_SET])
+    assert [(e.kind, e.outcome, e.accessions, e.detail["status"]) for e in events] == [
+        (Kind.MPPS_SET, f"0x{unknown.status:04X}", (), None),
+        (Kind.MPPS_CREATE, "success", ("ACC-MR-1",), "IN PROGRESS"),
+        (Kind.MPPS_SET, "success", ("ACC-MR-1",), "COMPLETED")]
+    assert events[0].detail["sop_instance_uid"] == mpps_uid_for("ACC-NONE")
+    assert events[1].detail["sop_instance_uid"] == mpps_uid_for("ACC-MR-1")
