@@ -7,6 +7,7 @@ listener: a message the broker cannot take never stops it from serving the next 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Callable
@@ -35,9 +36,14 @@ from hl7_listener.message import (
     parse,
     salvage_header,
 )
+from hl7_listener.server import Peer
 from hl7_listener.status_message import parse_ack
 
 log = logging.getLogger(__name__)
+
+# Who sent the message being handled (set by handle / reject for the call, in its thread):
+# the audit trail's address and certificate subject, without threading it through every step.
+_PEER: contextvars.ContextVar[Peer | None] = contextvars.ContextVar("hl7_peer", default=None)
 
 APPLICATION_INTERNAL_ERROR = "207"
 UNSUPPORTED_EVENT = "201"
@@ -111,24 +117,43 @@ class OrderMessageHandler:
                          sending_application=self.sending_application,
                          sending_facility=self.sending_facility)
 
-    def reject(self, reason: str, code: str = "100", raw: bytes = b"") -> bytes:
+    def reject(self, reason: str, code: str = "100", raw: bytes = b"",
+               peer: Peer | None = None) -> bytes:
         """AR for bytes that never became a message (e.g. a frame over the size limit, of
         which ``raw`` is the start): in the sender's terms when its header can be read."""
+        token = _PEER.set(peer)
+        try:
+            return self._reject(reason, code, raw)
+        finally:
+            _PEER.reset(token)
+
+    def _reject(self, reason: str, code: str, raw: bytes) -> bytes:
         header = salvage_header(raw)
         if header is not None:
             return self._refuse(header, raw, "AR", reason, ErrorDetail(code))
         log.warning("message rejected before parsing: %s", reason)
         metrics.observe_hl7("", "AR")
         if self.audit is not None:
-            self.audit.record(AuditEvent(Kind.HL7_RECEIVED, "", "AR",
-                                         detail={"control_id": "", "reason": reason}))
+            peer = _PEER.get()
+            self.audit.record(AuditEvent(
+                Kind.HL7_RECEIVED, "", "AR", address=peer.address if peer else None,
+                tls_subject=peer.tls_subject if peer else None,
+                detail={"control_id": "", "reason": reason}))
         ack = self._ack(None, "AR", reason, ErrorDetail(code))
         self._keep_rejection(None, raw, "AR", reason, ack)
         return ack
 
-    def handle(self, raw: bytes) -> bytes | None:
+    def handle(self, raw: bytes, peer: Peer | None = None) -> bytes | None:
         """The acknowledgement to send, or None when the sender asked for none (enhanced
-        mode, MSH-15 NE, or ER/SU when the outcome does not call for one)."""
+        mode, MSH-15 NE, or ER/SU when the outcome does not call for one). ``peer`` is who
+        sent it, for the audit trail."""
+        token = _PEER.set(peer)
+        try:
+            return self._handle(raw)
+        finally:
+            _PEER.reset(token)
+
+    def _handle(self, raw: bytes) -> bytes | None:
         try:
             msg = parse(raw, charset_fallback=self.charset_fallback)
         except MessageError as exc:
@@ -304,8 +329,11 @@ class OrderMessageHandler:
              warnings: list[str] | None = None, *, accession: str | None = None) -> None:
         metrics.observe_hl7(f"{msg.message_type}^{msg.trigger_event}", code)
         if self.audit is not None:
+            peer = _PEER.get()
             self.audit.record(AuditEvent(
                 Kind.HL7_RECEIVED, self._sender(msg), code,
+                address=peer.address if peer else None,
+                tls_subject=peer.tls_subject if peer else None,
                 accessions=(accession,) if accession else (),
                 detail={"control_id": msg.control_id,
                         "message_type": f"{msg.message_type}^{msg.trigger_event}"}))

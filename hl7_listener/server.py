@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from broker import metrics
 from broker.tls import ContextSource, format_subject, handshake_failure, subject_of
@@ -30,9 +30,23 @@ _REFUSAL_LOG_SECONDS = 10.0
 
 
 class MessageHandler(Protocol):
-    def handle(self, raw: bytes) -> bytes | None: ...
+    # ``peer``: who sent it, for the audit trail (address, and certificate subject on TLS).
+    def handle(self, raw: bytes, peer: Peer | None = None) -> bytes | None: ...
 
-    def reject(self, reason: str, code: str = "100", raw: bytes = b"") -> bytes: ...
+    def reject(self, reason: str, code: str = "100", raw: bytes = b"",
+               peer: Peer | None = None) -> bytes: ...
+
+
+class Peer(NamedTuple):
+    address: str  # host:port
+    tls_subject: str | None = None  # None: not TLS; "none": TLS without a certificate
+
+
+def _peer_of(writer: asyncio.StreamWriter, peer: object) -> Peer:
+    address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+    if writer.get_extra_info("ssl_object") is None:
+        return Peer(address)
+    return Peer(address, format_subject(subject_of(writer.get_extra_info("peercert"))) or "none")
 
 
 class MllpServer:
@@ -277,6 +291,7 @@ class MllpServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      peer: object) -> None:
         loop = asyncio.get_running_loop()
+        sender = _peer_of(writer, peer)
         while True:
             try:
                 payload = await read_frame(reader, self._max_bytes,
@@ -293,8 +308,8 @@ class MllpServer:
             except FrameTooLarge as exc:
                 # The rest of the oversized frame cannot be told apart from a new one: answer,
                 # then close so the sender starts clean.
-                nak = await loop.run_in_executor(self._executor, self._handler.reject,
-                                                 str(exc), "100", exc.head)
+                nak = await loop.run_in_executor(self._executor, functools.partial(
+                    self._handler.reject, str(exc), "100", exc.head, peer=sender))
                 writer.write(frame(nak))
                 await writer.drain()
                 return
@@ -304,7 +319,8 @@ class MllpServer:
             if payload is None:
                 return
             received = time.perf_counter()
-            ack = await loop.run_in_executor(self._executor, self._handler.handle, payload)
+            ack = await loop.run_in_executor(
+                self._executor, functools.partial(self._handler.handle, payload, peer=sender))
             metrics.HL7_ACK_SECONDS.observe(time.perf_counter() - received)
             if ack is not None:  # None: enhanced mode and the sender asked for no ACK
                 writer.write(frame(ack))

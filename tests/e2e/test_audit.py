@@ -144,15 +144,19 @@ def test_who_saw_an_order_is_in_the_database_the_file_and_syslog(
     assert ("login-failed", "alice", "failed") in kinds
     assert ("login", "alice", "success") in kinds
     assert ("operator-action", "alice", "worklist-delete") in kinds
+    received = next(line for line in _lines(audit_file) if line["kind"] == "hl7-received")
+    assert received["control_id"] == "AU-1" and received["accessions"] == ["ACC-AU-1"]
+    assert str(received["address"]).startswith("127.0.0.1:")
+    assert received["tls_subject"] is None  # the plain port
     cfind = next(line for line in _lines(audit_file) if line["kind"] == "c-find")
     assert sorted(cfind["accessions"]) == ["ACC-AU-1", "ACC-AU-2"]  # type: ignore[arg-type]
     assert cfind["sent"] == 2 and str(cfind["address"]).startswith("127.0.0.1:")
 
     # The collector got the same events as RFC 5424 messages.
-    received = collector.drain()
-    assert len(received) == len(kinds)
-    assert all(m.startswith((b"<85>1 ", b"<84>1 ")) for m in received)
-    assert sum(b" c-find - " in m for m in received) == 1
+    datagrams = collector.drain()
+    assert len(datagrams) == len(kinds)
+    assert all(m.startswith((b"<85>1 ", b"<84>1 ")) for m in datagrams)
+    assert sum(b" c-find - " in m for m in datagrams) == 1
 
     # The database answers "who saw ACC-AU-1?" through the CLI, one line per event.
     listed = run_cli("audit", "list", "--accession", "ACC-AU-1", "--config", config)
