@@ -122,7 +122,7 @@ class Guard:
         if user is None:
             # Same cost for an unknown name: no user enumeration by timing.
             verify_password(password, hash_password("x"))
-        if self.audit is not None and not (ok and cached):
+        if self.audit is not None and not self.open and not (ok and cached):
             # A script's HTTP Basic calls within the cache's 5 minutes are one login.
             self.audit.record(AuditEvent(Kind.LOGIN if ok else Kind.LOGIN_FAILED, name[:100],
                                          "success" if ok else "failed", address=client,
