@@ -103,7 +103,7 @@ class Broker:
             unlimited_sources=config.hl7.unlimited_sources,
             plain=config.hl7.tls.plain_port, tls=self.hl7_tls,
             tls_port=config.hl7.tls.port or 0,
-            handshake_timeout=config.hl7.tls.handshake_timeout_seconds)
+            handshake_timeout=config.hl7.tls.handshake_timeout_seconds, audit=self.audit)
         self.dicom = DicomServer(config.dicom, self.store,
                                  reporting=config.ris.status_messages.reporting(),
                                  tls=self.dicom_tls, audit=self.audit)

@@ -32,6 +32,7 @@ class Kind:
     MPPS_SET = "mpps-n-set"
     HL7_RECEIVED = "hl7-received"
     HL7_SENT = "hl7-sent"
+    TLS_FAILED = "tls-handshake-failed"  # DICOM or HL7: no certificate, expired, other CA...
     LOGIN = "login"
     LOGIN_FAILED = "login-failed"
     OPERATOR_ACTION = "operator-action"  # read from operator_action, never written here

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from broker import metrics
+from broker.audit import AuditEvent, Kind
+from broker.audit_trail import AuditTrail
 from broker.tls import ContextSource, format_subject, handshake_failure, subject_of
 from hl7_listener.mllp import FrameTimeout, FrameTooLarge, FramingError, frame, read_frame
 
@@ -42,8 +44,12 @@ class Peer(NamedTuple):
     tls_subject: str | None = None  # None: not TLS; "none": TLS without a certificate
 
 
+def _address(peer: object) -> str:
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+
+
 def _peer_of(writer: asyncio.StreamWriter, peer: object) -> Peer:
-    address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+    address = _address(peer)
     if writer.get_extra_info("ssl_object") is None:
         return Peer(address)
     return Peer(address, format_subject(subject_of(writer.get_extra_info("peercert"))) or "none")
@@ -55,10 +61,11 @@ class MllpServer:
                  wait_timeout: float = 60, frame_timeout: float = 30,
                  max_per_source: int = 0, unlimited_sources: Sequence[str] = (),
                  plain: bool = True, tls: ContextSource | None = None, tls_port: int = 0,
-                 handshake_timeout: float = 10) -> None:
+                 handshake_timeout: float = 10, audit: AuditTrail | None = None) -> None:
         if not plain and tls is None:
             raise ValueError("a listener needs a plain port, a TLS port or both")
         self._handler = handler
+        self._audit = audit  # failed TLS handshakes (messages are the handler's to audit)
         self._host = host
         self._port = port
         self._plain = plain
@@ -244,7 +251,12 @@ class MllpServer:
             await writer.start_tls(self._tls.context,
                                    ssl_handshake_timeout=self._handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
-            log.warning("HL7 TLS handshake with %s failed: %s", peer, handshake_failure(exc))
+            reason = handshake_failure(exc)
+            log.warning("HL7 TLS handshake with %s failed: %s", peer, reason)
+            if self._audit is not None:
+                self._audit.record(AuditEvent(Kind.TLS_FAILED, "", "refused",
+                                              address=_address(peer),
+                                              detail={"link": "hl7", "reason": reason}))
             return False
         subject = format_subject(subject_of(writer.get_extra_info("peercert")))
         log.info("HL7 TLS connection from %s: %s, client certificate %s", peer,

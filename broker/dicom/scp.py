@@ -197,6 +197,7 @@ class _TlsAssociationServer(ThreadedAssociationServer):
 
     source: ContextSource
     handshake_timeout: float = 10.0
+    audit: AuditTrail | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -218,8 +219,14 @@ class _TlsAssociationServer(ThreadedAssociationServer):
             request.do_handshake()
             request.settimeout(timeout)
         except (OSError, ValueError) as exc:  # SSLError, timeout, reset
-            log.warning("DICOM TLS handshake with %s failed: %s", client_address,
-                        handshake_failure(exc))
+            reason = handshake_failure(exc)
+            log.warning("DICOM TLS handshake with %s failed: %s", client_address, reason)
+            if self.audit is not None:
+                host, port = (client_address if isinstance(client_address, tuple)
+                              else (client_address, ""))
+                self.audit.record(AuditEvent(Kind.TLS_FAILED, "", "refused",
+                                             address=f"{host}:{port}",
+                                             detail={"link": "dicom", "reason": reason}))
             self.shutdown_request(request)
             return
         super().process_request_thread(request, client_address)
@@ -318,6 +325,7 @@ class DicomServer:
             server_class=_TlsAssociationServer)
         server.source = source
         server.handshake_timeout = self._config.tls.handshake_timeout_seconds
+        server.audit = self._audit
         # As start_server does: the AE's shutdown() and the server's own look for it there.
         self._ae._servers.append(server)
         self._tls_server = server

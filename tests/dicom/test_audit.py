@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.audit import Kind, list_events
+from broker.audit import AuditEvent, Kind, list_events
 from broker.audit_trail import AuditTrail
 from broker.config import DicomConfig
 from broker.dicom.scp import DicomServer
@@ -16,7 +16,7 @@ from broker.store import Store
 from broker.tls import listener_source
 from tests.dicom.scu import findscu
 from tests.dicom.test_tls import _tls_args, _tls_config, echoscu
-from tests.support import free_port
+from tests.support import free_port, wait_for
 from tests.tls_certs import Pki, shared_pki
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,3 +91,20 @@ def test_mpps_requests_are_audited_with_their_status_and_accessions(
         (Kind.MPPS_SET, "success", ("ACC-MR-1",), "COMPLETED")]
     assert events[0].detail["sop_instance_uid"] == mpps_uid_for("ACC-NONE")
     assert events[1].detail["sop_instance_uid"] == mpps_uid_for("ACC-MR-1")
+
+
+def test_failed_tls_handshakes_are_audited(audited: tuple[DicomServer, AuditTrail],
+                                           worklist_store: Store, pki: Pki) -> None:
+    server, trail = audited
+    assert server.tls_port is not None
+    assert echoscu(server.tls_port, *_tls_args(pki, "rogue")).returncode != 0
+
+    def refused() -> list[AuditEvent]:
+        trail.flush()  # the server notes the failure in the connection's own thread
+        with worklist_store.reading() as session:
+            return list_events(session, actor="", kinds=[Kind.TLS_FAILED])
+
+    events = wait_for(refused, what="the failed handshake audited")
+    assert len(events) == 1 and events[0].outcome == "refused"
+    assert events[0].detail["link"] == "dicom" and events[0].detail["reason"]
+    assert events[0].address and events[0].address.startswith("127.0.0.1:")

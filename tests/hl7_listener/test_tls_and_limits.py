@@ -374,7 +374,10 @@ def test_received_messages_are_audited_with_address_and_certificate_subject(
 
     trail = AuditTrail(sqlite_store, flush_seconds=3600)
     server._handler.audit = trail  # type: ignore[attr-defined]
+    server._audit = trail
     assert field_of(_tls_ack(server, pki, "ACC-AUD-1"), "MSA", 1) == "AA"
+    with pytest.raises((MllpError, OSError)):
+        _tls_ack(server, pki, "ACC-AUD-X", client="rogue")
     with MllpClient("127.0.0.1", server.port, read_timeout=5) as mllp:
         ack = mllp.send(orm(control_id="M-PLAIN", accession="").encode()).decode()
     assert field_of(ack, "MSA", 1) == "AE"
@@ -385,3 +388,11 @@ def test_received_messages_are_audited_with_address_and_certificate_subject(
         ("AA", ("ACC-AUD-1",), "O=Test Hospital,CN=CT1", "M-ACC-AUD-1"),
         ("AE", (), None, "M-PLAIN")]
     assert all(e.address and e.address.startswith("127.0.0.1:") for e in events)
+
+    def refused() -> list[tuple[str, str]]:
+        trail.flush()  # the server notes the failure after the client has given up
+        with sqlite_store.reading() as s:
+            return [(e.outcome, e.detail["link"])
+                    for e in list_events(s, actor="", kinds=[Kind.TLS_FAILED])]
+
+    assert wait_for(refused, what="the failed handshake audited") == [("refused", "hl7")]
