@@ -511,8 +511,9 @@ def _audit(args: argparse.Namespace) -> int:
 
     from broker.audit import list_events
 
-    if args.accession is None and args.calling_ae is None:
-        raise CommandError("audit list needs --accession or --calling-ae (or --actor)")
+    if args.accession is None and args.calling_ae is None and not (args.kind or args.since):
+        raise CommandError("audit list needs --accession or --calling-ae (or --actor), or "
+                           "at least --kind or --since")
     if args.limit < 1:
         raise CommandError("--limit must be at least 1")
     since = _since(args.since) if args.since else None
@@ -623,8 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "or date and time (UTC)")
     audit.add_argument("--kind", action="append", help="only this kind (repeatable): "
                        "association-accepted, association-rejected, c-find, mpps-n-create, "
-                       "mpps-n-set, hl7-received, hl7-sent, login, login-failed, "
-                       "operator-action")
+                       "mpps-n-set, hl7-received, hl7-sent, tls-handshake-failed, login, "
+                       "login-failed, operator-action")
     audit.add_argument("--limit", type=int, default=1000,
                        help="at most this many, the newest (default 1000)")
     audit.add_argument("--json", action="store_true",
