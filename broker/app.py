@@ -17,6 +17,7 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.engine import make_url
 
 from broker import metrics
+from broker.audit_trail import AuditTrail, SyslogSender
 from broker.config import BrokerConfig
 from broker.dicom.mpps_forwarder import MppsForwarder
 from broker.dicom.scp import DicomServer
@@ -66,6 +67,15 @@ def open_store(config: BrokerConfig) -> Store:
     return store
 
 
+def _audit_trail(config: BrokerConfig, store: Store) -> AuditTrail | None:
+    audit = config.audit
+    if not audit.enabled:
+        return None
+    syslog = (SyslogSender(audit.syslog_host, audit.syslog_port, audit.syslog_protocol)
+              if audit.syslog_host else None)
+    return AuditTrail(store, file=audit.file, syslog=syslog, flush_seconds=audit.flush_seconds)
+
+
 class Broker:
     """Everything ``worklist-broker serve`` runs, in one process."""
 
@@ -78,7 +88,9 @@ class Broker:
         self._build_tls(config)
         self.store = open_store(config)
         self._mapping_stamp = _stamp(config.mapping)
+        self.audit = _audit_trail(config, self.store)
         self.handler = handler_from_config(self.store, config)
+        self.handler.audit = self.audit
         self.mllp = MllpServer(
             self.handler, host=config.hl7.host, port=config.hl7.port,
             max_connections=config.hl7.max_connections,
@@ -91,13 +103,13 @@ class Broker:
             unlimited_sources=config.hl7.unlimited_sources,
             plain=config.hl7.tls.plain_port, tls=self.hl7_tls,
             tls_port=config.hl7.tls.port or 0,
-            handshake_timeout=config.hl7.tls.handshake_timeout_seconds)
+            handshake_timeout=config.hl7.tls.handshake_timeout_seconds, audit=self.audit)
         self.dicom = DicomServer(config.dicom, self.store,
                                  reporting=config.ris.status_messages.reporting(),
-                                 tls=self.dicom_tls)
+                                 tls=self.dicom_tls, audit=self.audit)
         self.outbound = OutboundSender(self.store, config.ris, config.hl7,
                                        batch_size=config.jobs.outbound_batch_size,
-                                       tls=self.ris_tls)
+                                       tls=self.ris_tls, audit=self.audit)
         self.mpps_forwarder = MppsForwarder(self.store, config.dicom,
                                             batch_size=config.jobs.outbound_batch_size,
                                             tls=self.mpps_forward_tls)
@@ -126,7 +138,7 @@ class Broker:
                          lambda: self.scheduler.running),
             ],
             open_associations=self.dicom.open_associations,
-            uid_root=config.uid_root)
+            uid_root=config.uid_root, audit=self.audit)
         metrics.ASSOCIATIONS_OPEN.set_function(self.dicom.open_associations)
         return WebServer(create_app(self.store, config, services), host=web.host,
                          port=web.port, plain=web.tls.plain_port, tls_port=web.tls.port,
@@ -198,9 +210,11 @@ class Broker:
 
     def run_purge(self) -> None:
         with self._purge_lock:
-            purge(self.store, retention=self.config.jobs.retention())
+            purge(self.store, retention=self.config.jobs.retention_with(self.config.audit))
 
     def start(self) -> None:
+        if self.audit is not None:
+            self.audit.start()
         self.dicom.start()
         try:
             self.mllp.start()
@@ -259,5 +273,8 @@ class Broker:
         self.mllp.stop()
         self.dicom.stop()
         self.outbound.close()
+        if self.audit is not None:
+            # Last: what the listeners and jobs did until they stopped is written too.
+            self.audit.stop()
         self.store.dispose()
         log.info("broker stopped")

@@ -7,6 +7,7 @@ configuration or invocation, 1 for anything else that went wrong.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import signal
 import sys
@@ -102,7 +103,8 @@ def _purge(args: argparse.Namespace) -> int:
     from broker.purge import purge
 
     with _store(args) as (config, store):
-        result = purge(store, retention=config.jobs.retention(), dry_run=args.dry_run)
+        result = purge(store, retention=config.jobs.retention_with(config.audit),
+                       dry_run=args.dry_run)
     if result.skipped:
         print("error: another broker or purge command is purging this database now; "
               "nothing deleted", file=sys.stderr)
@@ -111,7 +113,8 @@ def _purge(args: argparse.Namespace) -> int:
     print(f"{verb}: {result.worklist_items} worklist items, {result.mpps} MPPS records, "
           f"{result.patients} patients, {result.outbox} sent status messages, "
           f"{result.inbound_messages} logged HL7 messages, "
-          f"{result.mpps_forwards} forwarded MPPS copies, {result.studies} recorded studies")
+          f"{result.mpps_forwards} forwarded MPPS copies, {result.studies} recorded studies, "
+          f"{result.audit_events} audit events")
     return 0
 
 
@@ -483,6 +486,59 @@ def _timeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _since(text: str) -> dt.datetime:
+    """``7d``, ``12h``, ``30m`` ago, or an ISO date / date and time (UTC)."""
+    import re
+
+    from broker.models import utcnow
+
+    relative = re.fullmatch(r"(\d+)([dhm])", text.strip())
+    if relative:
+        unit = {"d": "days", "h": "hours", "m": "minutes"}[relative.group(2)]
+        return utcnow() - dt.timedelta(**{unit: int(relative.group(1))})
+    try:
+        moment = dt.datetime.fromisoformat(text.strip().removesuffix("Z"))
+    except ValueError:
+        raise CommandError(f"--since {text!r}: expected 7d, 12h, 30m, 2026-11-29 or "
+                           "2026-11-29T08:00") from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(dt.UTC).replace(tzinfo=None)
+    return moment
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import json
+
+    from broker.audit import list_events
+
+    if args.accession is None and args.calling_ae is None and not (args.kind or args.since):
+        raise CommandError("audit list needs --accession or --calling-ae (or --actor), or "
+                           "at least --kind or --since")
+    if args.limit < 1:
+        raise CommandError("--limit must be at least 1")
+    since = _since(args.since) if args.since else None
+    with _store(args) as (_, store):
+        with store.reading() as session:
+            events = list_events(session, accession_number=args.accession,
+                                 actor=args.calling_ae, since=since,
+                                 kinds=args.kind or (), limit=args.limit)
+    for event in events:
+        line = event.as_json()
+        if args.json:
+            print(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
+            continue
+        rest = {k: v for k, v in line.items()
+                if k not in ("at", "kind", "actor", "outcome", "address", "tls_subject",
+                             "accessions") and v not in (None, "")}
+        print("\t".join([line["at"], event.kind, event.actor or "-", event.outcome,
+                         event.address or "-", event.tls_subject or "-",
+                         ",".join(event.accessions) or "-",
+                         " ".join(f"{k}={v}" for k, v in rest.items())]).rstrip())
+    if not events:
+        print("no audit events match", file=sys.stderr)
+    return 0
+
+
 def _why_not(args: argparse.Namespace) -> int:
     from broker.dicom.why_not import explain_recent
 
@@ -555,6 +611,27 @@ def build_parser() -> argparse.ArgumentParser:
     timeline.add_argument("accession", help="AccessionNumber of the order")
     timeline.add_argument("--config", default="config/broker.yaml")
     timeline.set_defaults(func=_timeline)
+
+    audit = commands.add_parser("audit", help="who saw or sent an order's data: DICOM "
+                                "associations, C-FIND answers, MPPS, HL7 messages, console "
+                                "logins and operator actions, one line per event")
+    audit.add_argument("action", choices=["list"])
+    audit.add_argument("--accession", help="events concerning this AccessionNumber")
+    audit.add_argument("--calling-ae", "--actor", dest="calling_ae",
+                       help="events of this calling AE title (or HL7 sender MSH-3^MSH-4, or "
+                       "console user)")
+    audit.add_argument("--since", help="only events since then: 7d, 12h, 30m, or an ISO date "
+                       "or date and time (UTC)")
+    audit.add_argument("--kind", action="append", help="only this kind (repeatable): "
+                       "association-accepted, association-rejected, c-find, mpps-n-create, "
+                       "mpps-n-set, hl7-received, hl7-sent, tls-handshake-failed, login, "
+                       "login-failed, operator-action")
+    audit.add_argument("--limit", type=int, default=1000,
+                       help="at most this many, the newest (default 1000)")
+    audit.add_argument("--json", action="store_true",
+                       help="one JSON object a line, as in the audit log file")
+    audit.add_argument("--config", default="config/broker.yaml")
+    audit.set_defaults(func=_audit)
 
     why_not = commands.add_parser("why-not", help="why a modality's recent C-FIND queries did "
                                   "or did not return an order, key by key")

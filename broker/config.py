@@ -362,6 +362,12 @@ class JobsConfig(_Section):
             inbound_log_days=self.inbound_log_retention_days or days,
         )
 
+    def retention_with(self, audit: AuditConfig) -> Retention:
+        """The retention rules, the audit trail's own included."""
+        from dataclasses import replace
+
+        return replace(self.retention(), audit_days=audit.retention_days)
+
     @field_validator("purge_cron")
     @classmethod
     def _cron(cls, value: str) -> str:
@@ -447,6 +453,28 @@ class WebConfig(_Section):
         return value
 
 
+class AuditConfig(_Section):
+    """The audit trail (broker.audit): associations, C-FIND answers, MPPS, HL7 messages and
+    console logins, in the database and as JSON lines, optionally to a syslog collector."""
+
+    enabled: bool = True
+    # JSON lines file, one event a line; relative to the config file's folder. None: no file.
+    file: Path | None = None
+    # RFC 5424 syslog collector (IHE ATNA's transport); None: none.
+    syslog_host: str | None = None
+    syslog_port: int = Field(514, ge=1, le=65535)
+    syslog_protocol: Literal["udp", "tcp"] = "udp"
+    # Days an audit event is kept in the database (the purge job deletes older ones).
+    retention_days: int = Field(365, ge=1)
+    # Seconds between two batched writes (the hot paths only append to a buffer).
+    flush_seconds: float = Field(2, gt=0, le=60)
+
+    @field_validator("file", "syslog_host", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -459,6 +487,7 @@ class BrokerConfig(_Section):
     jobs: JobsConfig = JobsConfig()
     orthanc: OrthancConfig = OrthancConfig()
     web: WebConfig = WebConfig()
+    audit: AuditConfig = AuditConfig()
     logging: LoggingConfig = LoggingConfig()
     mapping: Path = Path("mapping.yaml")
     # Root under which Study Instance UIDs (and MPPS-less status message ids) are generated
@@ -530,8 +559,12 @@ def _resolve_paths(config: BrokerConfig, base_dir: Path) -> BrokerConfig:
     if orthanc.config_file is not None and not orthanc.config_file.is_absolute():
         # A copy keeps model_fields_set: what was set explicitly stays distinguishable.
         orthanc = orthanc.model_copy(update={"config_file": (base_dir / orthanc.config_file)})
+    audit = config.audit
+    if audit.file is not None and not audit.file.is_absolute():
+        audit = audit.model_copy(update={"file": (base_dir / audit.file).resolve()})
     return config.model_copy(update={"database": database, "mapping": mapping.resolve(),
-                                     "base_dir": base_dir, "orthanc": orthanc})
+                                     "base_dir": base_dir, "orthanc": orthanc,
+                                     "audit": audit})
 
 
 def load_config(path: str | os.PathLike[str] | None,

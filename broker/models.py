@@ -308,6 +308,38 @@ class OperatorAction(Base):
         Index("ix_operator_action_at", "at"),
     )
 
+class AuditEvent(Base):
+    """Who saw or sent which patient's data: one DICOM association, C-FIND, MPPS request, HL7
+    message, or console login (broker.audit). Operator actions stay in ``operator_action``
+    and are read with these. Written in batches off the hot paths; added by 0007_audit."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    # Calling AE title, HL7 sender (MSH-3^MSH-4) or console user.
+    actor: Mapped[str] = mapped_column(String(200))
+    address: Mapped[str | None] = mapped_column(String(100))
+    tls_subject: Mapped[str | None] = mapped_column(String(400))
+    outcome: Mapped[str] = mapped_column(String(32))
+    # Every accession number concerned, joined by "\\" (the look-up is audit_accession).
+    accession_numbers: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[str | None] = mapped_column(Text)  # JSON object: control ID, SOP UID...
+
+    __table_args__ = (Index("ix_audit_event_actor_at", "actor", "at"),)
+
+
+class AuditAccession(Base):
+    """One accession number of an audit event, so that "who saw order X" is an index look-up."""
+
+    __tablename__ = "audit_accession"
+
+    event_fk: Mapped[int] = mapped_column(
+        ForeignKey("audit_event.id", ondelete="CASCADE"), primary_key=True)
+    accession_number: Mapped[str] = mapped_column(String(16), primary_key=True, index=True)
+
+
 class StudyRecord(Base):
     """A stable study the PACS (Orthanc) reported, with the item it matched if any.
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from broker import cfind_log, metrics
+from broker import audit, cfind_log, metrics
 from broker.domain import ItemStatus
 from broker.models import (
+    AuditEvent,
     CFindExposure,
     InboundMessage,
     MppsForward,
@@ -52,6 +53,7 @@ class Retention:
     mpps_days: int = 30
     outbox_days: int = 30
     inbound_log_days: int = 30
+    audit_days: int = 365
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class PurgeResult:
     inbound_messages: int = 0
     mpps_forwards: int = 0
     studies: int = 0  # study records (broker.studies) without an item, as unlinked MPPS
+    audit_events: int = 0  # audit trail events (broker.audit), by their own retention
     skipped: bool = False  # another process holds the purge lock
 
 
@@ -158,7 +161,7 @@ def purge(store: Store, *, retention: Retention, now: dt.datetime | None = None,
         result = _purge(store, retention, now, items)
     metrics.PURGE_RUNS.inc()
     for kind in ("worklist_items", "mpps", "patients", "outbox", "inbound_messages",
-                 "mpps_forwards"):
+                 "mpps_forwards", "audit_events"):
         metrics.PURGE_ROWS.labels(kind).inc(getattr(result, kind))
     return result
 
@@ -199,10 +202,24 @@ def _purge(store: Store, retention: Retention, now: dt.datetime,
                     _delete_by_id(CFindExposure))
     studies = _batched_delete(store, select(StudyRecord.id).where(
         _orphan_studies(retention, now)), _delete_by_id(StudyRecord))
-    result = PurgeResult(item_count, mpps, patients, sent, inbound, forwards, studies)
+    audit_events = _purge_audit(store, now - dt.timedelta(days=retention.audit_days))
+    result = PurgeResult(item_count, mpps, patients, sent, inbound, forwards, studies,
+                         audit_events=audit_events)
     log.info("purge done items=%d mpps=%d patients=%d outbox=%d inbound=%d mpps_forwards=%d "
-             "studies=%d", item_count, mpps, patients, sent, inbound, forwards, studies)
+             "studies=%d audit_events=%d", item_count, mpps, patients, sent, inbound, forwards,
+             studies, audit_events)
     return result
+
+
+def _purge_audit(store: Store, before: dt.datetime) -> int:
+    total = 0
+    for _ in range(_MAX_BATCHES):
+        with store.writing() as session:
+            deleted = audit.delete_older(session, before, limit=BATCH_SIZE)
+        total += deleted
+        if deleted < BATCH_SIZE:
+            break
+    return total
 
 
 def _count(store: Store, items: ColumnElement[bool], unlinked_mpps: ColumnElement[bool],
@@ -222,4 +239,7 @@ def _count(store: Store, items: ColumnElement[bool], unlinked_mpps: ColumnElemen
         studies = session.scalar(select(func.count(StudyRecord.id)).where(
             (StudyRecord.item_fk.in_(expired_ids) | StudyRecord.item_fk.is_(None))
             & (StudyRecord.received_at < now - dt.timedelta(days=retention.mpps_days)))) or 0
-    return PurgeResult(item_count, mpps, patients, outbox, old, forwards, studies)
+        audit_events = session.scalar(select(func.count(AuditEvent.id)).where(
+            AuditEvent.at < now - dt.timedelta(days=retention.audit_days))) or 0
+    return PurgeResult(item_count, mpps, patients, outbox, old, forwards, studies,
+                       audit_events=audit_events)

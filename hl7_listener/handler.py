@@ -7,6 +7,7 @@ listener: a message the broker cannot take never stops it from serving the next 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Callable
@@ -16,6 +17,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from broker import inbound_log, metrics
+from broker.audit import AuditEvent, Kind
+from broker.audit_trail import AuditTrail
 from broker.config import BrokerConfig
 from broker.domain import DEFAULT_REPORTING, PatientMerge, StatusReporting
 from broker.errors import InvalidOrder, UnsupportedMessage
@@ -33,9 +36,14 @@ from hl7_listener.message import (
     parse,
     salvage_header,
 )
+from hl7_listener.server import Peer
 from hl7_listener.status_message import parse_ack
 
 log = logging.getLogger(__name__)
+
+# Who sent the message being handled (set by handle / reject for the call, in its thread):
+# the audit trail's address and certificate subject, without threading it through every step.
+_PEER: contextvars.ContextVar[Peer | None] = contextvars.ContextVar("hl7_peer", default=None)
 
 APPLICATION_INTERNAL_ERROR = "207"
 UNSUPPORTED_EVENT = "201"
@@ -83,8 +91,11 @@ class OrderMessageHandler:
     def __init__(self, store: Store, mapping: Mapping, *, uid_root: str,
                  sending_application: str, sending_facility: str,
                  existing_order: str = "update", charset_fallback: str | None = None,
-                 reporting: StatusReporting = DEFAULT_REPORTING) -> None:
+                 reporting: StatusReporting = DEFAULT_REPORTING,
+                 audit: AuditTrail | None = None) -> None:
         self.store = store
+        # Every message received and its ACK code; set by the composition root.
+        self.audit = audit
         # Replaced as a whole (never mutated) when the mapping is reloaded.
         self.mapping = mapping
         self.uid_root = uid_root
@@ -106,21 +117,43 @@ class OrderMessageHandler:
                          sending_application=self.sending_application,
                          sending_facility=self.sending_facility)
 
-    def reject(self, reason: str, code: str = "100", raw: bytes = b"") -> bytes:
+    def reject(self, reason: str, code: str = "100", raw: bytes = b"",
+               peer: Peer | None = None) -> bytes:
         """AR for bytes that never became a message (e.g. a frame over the size limit, of
         which ``raw`` is the start): in the sender's terms when its header can be read."""
+        token = _PEER.set(peer)
+        try:
+            return self._reject(reason, code, raw)
+        finally:
+            _PEER.reset(token)
+
+    def _reject(self, reason: str, code: str, raw: bytes) -> bytes:
         header = salvage_header(raw)
         if header is not None:
             return self._refuse(header, raw, "AR", reason, ErrorDetail(code))
         log.warning("message rejected before parsing: %s", reason)
         metrics.observe_hl7("", "AR")
+        if self.audit is not None:
+            peer = _PEER.get()
+            self.audit.record(AuditEvent(
+                Kind.HL7_RECEIVED, "", "AR", address=peer.address if peer else None,
+                tls_subject=peer.tls_subject if peer else None,
+                detail={"control_id": "", "reason": reason}))
         ack = self._ack(None, "AR", reason, ErrorDetail(code))
         self._keep_rejection(None, raw, "AR", reason, ack)
         return ack
 
-    def handle(self, raw: bytes) -> bytes | None:
+    def handle(self, raw: bytes, peer: Peer | None = None) -> bytes | None:
         """The acknowledgement to send, or None when the sender asked for none (enhanced
-        mode, MSH-15 NE, or ER/SU when the outcome does not call for one)."""
+        mode, MSH-15 NE, or ER/SU when the outcome does not call for one). ``peer`` is who
+        sent it, for the audit trail."""
+        token = _PEER.set(peer)
+        try:
+            return self._handle(raw)
+        finally:
+            _PEER.reset(token)
+
+    def _handle(self, raw: bytes) -> bytes | None:
         try:
             msg = parse(raw, charset_fallback=self.charset_fallback)
         except MessageError as exc:
@@ -205,7 +238,7 @@ class OrderMessageHandler:
                 raise
             return self._resent(msg, previous)
         # Only now, after the commit, may the RIS be told the message is safe.
-        self._log(msg, "AA", detail, warnings)
+        self._log(msg, "AA", detail, warnings, accession=plan.accession)
         return ack
 
     def _previous_ack(self, sender: str, msg: ParsedMessage, digest: str) -> bytes | None:
@@ -292,10 +325,18 @@ class OrderMessageHandler:
                       msg.control_id if msg else "", str(getattr(exc, "orig", exc)
                                                          ).splitlines()[0])
 
-    @staticmethod
-    def _log(msg: ParsedMessage, code: str, detail: str, warnings: list[str] | None = None,
-             ) -> None:
+    def _log(self, msg: ParsedMessage, code: str, detail: str,
+             warnings: list[str] | None = None, *, accession: str | None = None) -> None:
         metrics.observe_hl7(f"{msg.message_type}^{msg.trigger_event}", code)
+        if self.audit is not None:
+            peer = _PEER.get()
+            self.audit.record(AuditEvent(
+                Kind.HL7_RECEIVED, self._sender(msg), code,
+                address=peer.address if peer else None,
+                tls_subject=peer.tls_subject if peer else None,
+                accessions=(accession,) if accession else (),
+                detail={"control_id": msg.control_id,
+                        "message_type": f"{msg.message_type}^{msg.trigger_event}"}))
         level = logging.INFO if code == "AA" and not warnings else logging.WARNING
         detail = "; ".join([detail, *(f"warning: {w}" for w in warnings or ())])
         log.log(level, "msh10=%s type=%s^%s from=%s %s: %s", msg.control_id,

@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass
 
 from broker import outbox
+from broker.audit import AuditEvent, Kind
+from broker.audit_trail import AuditTrail
 from broker.config import Hl7Config, RisConfig
 from broker.domain import StatusKind
 from broker.store import Store
@@ -47,8 +49,9 @@ class OutboundSender:
     """Delivers pending outbox messages; one instance per broker, run by one job at a time."""
 
     def __init__(self, store: Store, ris: RisConfig, hl7: Hl7Config, *, batch_size: int,
-                 tls: ContextSource | None = None) -> None:
+                 tls: ContextSource | None = None, audit: AuditTrail | None = None) -> None:
         self._store = store
+        self._audit = audit
         self._ris = ris
         self._hl7 = hl7
         self._batch_size = batch_size
@@ -90,12 +93,15 @@ class OutboundSender:
         try:
             reply = self._client.send(self._render(message))
         except MllpError as exc:
+            self._audit_sent(message, "unreachable")
             return (outbox.Outcome.UNREACHABLE,
                     f"RIS {self._ris.host}:{self._ris.port} unreachable: {exc}")
         try:
             ack = parse_ack(reply)
         except MessageError as exc:
+            self._audit_sent(message, "not-an-ack")
             return outbox.Outcome.NEGATIVE, f"RIS answered something that is not an ACK: {exc}"
+        self._audit_sent(message, ack.code)
         if ack.control_id != message.message_control_id:
             return (outbox.Outcome.NEGATIVE, f"ACK MSA-2 {ack.control_id!r} does not match "
                     f"MSH-10 {message.message_control_id!r}")
@@ -103,6 +109,15 @@ class OutboundSender:
             return None
         outcome = outbox.Outcome.REJECTED if ack.code in _REJECTED else outbox.Outcome.NEGATIVE
         return outcome, f"RIS answered {ack.code}: {ack.text or 'no reason given'}"
+
+    def _audit_sent(self, message: _Pending, outcome: str) -> None:
+        if self._audit is None:
+            return
+        ris = self._ris
+        self._audit.record(AuditEvent(
+            Kind.HL7_SENT, f"{ris.receiving_application}^{ris.receiving_facility}", outcome,
+            address=f"{ris.host}:{ris.port}", accessions=(message.accession_number,),
+            detail={"control_id": message.message_control_id}))
 
     def run_once(self) -> OutboundReport:
         # One deliverer per database: two brokers sending the same order's messages at once

@@ -18,9 +18,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from broker import metrics
+from broker.audit import AuditEvent, Kind
+from broker.audit_trail import AuditTrail
 from broker.tls import ContextSource, format_subject, handshake_failure, subject_of
 from hl7_listener.mllp import FrameTimeout, FrameTooLarge, FramingError, frame, read_frame
 
@@ -30,9 +32,27 @@ _REFUSAL_LOG_SECONDS = 10.0
 
 
 class MessageHandler(Protocol):
-    def handle(self, raw: bytes) -> bytes | None: ...
+    # ``peer``: who sent it, for the audit trail (address, and certificate subject on TLS).
+    def handle(self, raw: bytes, peer: Peer | None = None) -> bytes | None: ...
 
-    def reject(self, reason: str, code: str = "100", raw: bytes = b"") -> bytes: ...
+    def reject(self, reason: str, code: str = "100", raw: bytes = b"",
+               peer: Peer | None = None) -> bytes: ...
+
+
+class Peer(NamedTuple):
+    address: str  # host:port
+    tls_subject: str | None = None  # None: not TLS; "none": TLS without a certificate
+
+
+def _address(peer: object) -> str:
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+
+
+def _peer_of(writer: asyncio.StreamWriter, peer: object) -> Peer:
+    address = _address(peer)
+    if writer.get_extra_info("ssl_object") is None:
+        return Peer(address)
+    return Peer(address, format_subject(subject_of(writer.get_extra_info("peercert"))) or "none")
 
 
 class MllpServer:
@@ -41,10 +61,11 @@ class MllpServer:
                  wait_timeout: float = 60, frame_timeout: float = 30,
                  max_per_source: int = 0, unlimited_sources: Sequence[str] = (),
                  plain: bool = True, tls: ContextSource | None = None, tls_port: int = 0,
-                 handshake_timeout: float = 10) -> None:
+                 handshake_timeout: float = 10, audit: AuditTrail | None = None) -> None:
         if not plain and tls is None:
             raise ValueError("a listener needs a plain port, a TLS port or both")
         self._handler = handler
+        self._audit = audit  # failed TLS handshakes (messages are the handler's to audit)
         self._host = host
         self._port = port
         self._plain = plain
@@ -230,7 +251,12 @@ class MllpServer:
             await writer.start_tls(self._tls.context,
                                    ssl_handshake_timeout=self._handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
-            log.warning("HL7 TLS handshake with %s failed: %s", peer, handshake_failure(exc))
+            reason = handshake_failure(exc)
+            log.warning("HL7 TLS handshake with %s failed: %s", peer, reason)
+            if self._audit is not None:
+                self._audit.record(AuditEvent(Kind.TLS_FAILED, "", "refused",
+                                              address=_address(peer),
+                                              detail={"link": "hl7", "reason": reason}))
             return False
         subject = format_subject(subject_of(writer.get_extra_info("peercert")))
         log.info("HL7 TLS connection from %s: %s, client certificate %s", peer,
@@ -277,6 +303,7 @@ class MllpServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      peer: object) -> None:
         loop = asyncio.get_running_loop()
+        sender = _peer_of(writer, peer)
         while True:
             try:
                 payload = await read_frame(reader, self._max_bytes,
@@ -293,8 +320,8 @@ class MllpServer:
             except FrameTooLarge as exc:
                 # The rest of the oversized frame cannot be told apart from a new one: answer,
                 # then close so the sender starts clean.
-                nak = await loop.run_in_executor(self._executor, self._handler.reject,
-                                                 str(exc), "100", exc.head)
+                nak = await loop.run_in_executor(self._executor, functools.partial(
+                    self._handler.reject, str(exc), "100", exc.head, peer=sender))
                 writer.write(frame(nak))
                 await writer.drain()
                 return
@@ -304,7 +331,8 @@ class MllpServer:
             if payload is None:
                 return
             received = time.perf_counter()
-            ack = await loop.run_in_executor(self._executor, self._handler.handle, payload)
+            ack = await loop.run_in_executor(
+                self._executor, functools.partial(self._handler.handle, payload, peer=sender))
             metrics.HL7_ACK_SECONDS.observe(time.perf_counter() - received)
             if ack is not None:  # None: enhanced mode and the sender asked for no ACK
                 writer.write(frame(ack))

@@ -31,6 +31,7 @@ from broker.config import MppsDestination
 from broker.domain import (
     DEFAULT_REPORTING,
     MppsCreate,
+    MppsResult,
     MppsSet,
     ScheduledStepRef,
     StatusReporting,
@@ -205,11 +206,19 @@ def _record(unit: Callable[[], AbstractContextManager[Session]], operation: str,
     return None
 
 
+def _keep(recorded: list[MppsResult] | None, result: MppsResult) -> MppsResult:
+    if recorded is not None:
+        recorded.append(result)
+    return result
+
+
 def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | None,
                   calling_ae_title: str | None = None,
                   reporting: StatusReporting = DEFAULT_REPORTING,
-                  forward_to: Sequence[MppsDestination] = ()) -> Response:
+                  forward_to: Sequence[MppsDestination] = (),
+                  recorded: list[MppsResult] | None = None) -> Response:
     """N-CREATE: record the step, answer Success with the attribute list, or a failure status.
+    What the core recorded is appended to ``recorded`` (for the audit trail).
 
     ``attribute_list`` is the request's decoded dataset; pynetdicom decodes it lazily, so a
     broken one raises only here, when read.
@@ -225,8 +234,8 @@ def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | 
         return _refusal("N-CREATE", uid, calling_ae_title, INVALID_ATTRIBUTE_VALUE,
                         f"cannot decode the attribute list: {exc}")
     refused = _record(store.writing, "N-CREATE", uid, calling_ae_title,
-                      lambda session: record_mpps_create(session, request, reporting,
-                                                         forward_to=forward_to))
+                      lambda session: _keep(recorded, record_mpps_create(
+                          session, request, reporting, forward_to=forward_to)))
     if refused is not None:
         return refused
     response = Dataset()
@@ -239,8 +248,10 @@ def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | 
 def handle_set(store: Store, modification_list: Any, *, sop_instance_uid: str | None,
                calling_ae_title: str | None = None,
                reporting: StatusReporting = DEFAULT_REPORTING,
-               forward_to: Sequence[MppsDestination] = ()) -> Response:
-    """N-SET: update the step (and its items' status), answer with the modified attributes."""
+               forward_to: Sequence[MppsDestination] = (),
+               recorded: list[MppsResult] | None = None) -> Response:
+    """N-SET: update the step (and its items' status), answer with the modified attributes;
+    what the core recorded is appended to ``recorded``."""
     if not sop_instance_uid:
         return _refusal("N-SET", None, calling_ae_title, MISSING_ATTRIBUTE,
                         "Requested SOP Instance UID is missing")
@@ -252,8 +263,8 @@ def handle_set(store: Store, modification_list: Any, *, sop_instance_uid: str | 
         return _refusal("N-SET", sop_instance_uid, calling_ae_title, INVALID_ATTRIBUTE_VALUE,
                         f"cannot decode the modification list: {exc}")
     refused = _record(store.writing, "N-SET", sop_instance_uid, calling_ae_title,
-                      lambda session: record_mpps_set(session, request, reporting,
-                                                      forward_to=forward_to))
+                      lambda session: _keep(recorded, record_mpps_set(
+                          session, request, reporting, forward_to=forward_to)))
     if refused is not None:
         return refused
     response = Dataset()

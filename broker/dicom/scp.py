@@ -29,12 +29,14 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from broker import metrics
+from broker.audit import AuditEvent, Kind
+from broker.audit_trail import AuditTrail
 from broker.config import DicomConfig
 from broker.dicom import mpps
 from broker.dicom.charsets import codec_for
 from broker.dicom.query_recorder import QueryRecorder
 from broker.dicom.worklist import answer_encoder, query_from_identifier
-from broker.domain import DEFAULT_REPORTING, StatusReporting
+from broker.domain import DEFAULT_REPORTING, MppsResult, StatusReporting
 from broker.errors import ConfigError
 from broker.matching import InvalidQuery, find_worklist
 from broker.site_policy import apply_site_policy
@@ -113,8 +115,22 @@ def _on_conn_open(event: Event) -> None:
             sock.__class__ = _QuickAckSSLSocket
 
 
-def _on_rejected(_event: Event) -> None:
-    metrics.ASSOCIATIONS_REFUSED.inc()
+def _peer(assoc: Association) -> tuple[str, str | None]:
+    """The peer's address, and its certificate's subject on a TLS association."""
+    requestor = assoc.requestor
+    address = f"{requestor.address}:{requestor.port}" if requestor.address else ""
+    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    if not isinstance(sock, ssl.SSLSocket):
+        return address, None
+    try:
+        return address, format_subject(subject_of(sock.getpeercert())) or "none"
+    except (OSError, ValueError):
+        return address, "none"
+
+
+def _requested_ae(assoc: Association) -> str:
+    primitive = assoc.requestor.primitive
+    return str(primitive.calling_ae_title).strip() if primitive is not None else ""
 
 
 def _on_echo(event: Event) -> int:
@@ -181,6 +197,7 @@ class _TlsAssociationServer(ThreadedAssociationServer):
 
     source: ContextSource
     handshake_timeout: float = 10.0
+    audit: AuditTrail | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -202,8 +219,14 @@ class _TlsAssociationServer(ThreadedAssociationServer):
             request.do_handshake()
             request.settimeout(timeout)
         except (OSError, ValueError) as exc:  # SSLError, timeout, reset
-            log.warning("DICOM TLS handshake with %s failed: %s", client_address,
-                        handshake_failure(exc))
+            reason = handshake_failure(exc)
+            log.warning("DICOM TLS handshake with %s failed: %s", client_address, reason)
+            if self.audit is not None:
+                host, port = (client_address if isinstance(client_address, tuple)
+                              else (client_address, ""))
+                self.audit.record(AuditEvent(Kind.TLS_FAILED, "", "refused",
+                                             address=f"{host}:{port}",
+                                             detail={"link": "dicom", "reason": reason}))
             self.shutdown_request(request)
             return
         super().process_request_thread(request, client_address)
@@ -214,8 +237,9 @@ class DicomServer:
 
     def __init__(self, config: DicomConfig, store: Store,
                  reporting: StatusReporting = DEFAULT_REPORTING,
-                 tls: ContextSource | None = None) -> None:
+                 tls: ContextSource | None = None, audit: AuditTrail | None = None) -> None:
         self._config = config
+        self._audit = audit
         self._store = store
         self._reporting = reporting
         self._tls = tls
@@ -262,7 +286,8 @@ class DicomServer:
     def _handlers(self) -> list[tuple[evt.EventType, object]]:
         return [
             (evt.EVT_CONN_OPEN, _on_conn_open),
-            (evt.EVT_REJECTED, _on_rejected),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, _on_echo),
             (evt.EVT_C_FIND, self._on_find),
@@ -300,6 +325,7 @@ class DicomServer:
             server_class=_TlsAssociationServer)
         server.source = source
         server.handshake_timeout = self._config.tls.handshake_timeout_seconds
+        server.audit = self._audit
         # As start_server does: the AE's shutdown() and the server's own look for it there.
         self._ae._servers.append(server)
         self._tls_server = server
@@ -357,6 +383,19 @@ class DicomServer:
         log.info("DICOM SCP stopped")
 
     # --- association ----------------------------------------------------------------
+
+    def _on_accepted(self, event: Event) -> None:
+        if self._audit is not None:
+            address, subject = _peer(event.assoc)
+            self._audit.record(AuditEvent(Kind.ASSOCIATION_ACCEPTED, _requested_ae(event.assoc),
+                                          "accepted", address=address, tls_subject=subject))
+
+    def _on_rejected(self, event: Event) -> None:
+        metrics.ASSOCIATIONS_REFUSED.inc()
+        if self._audit is not None:
+            address, subject = _peer(event.assoc)
+            self._audit.record(AuditEvent(Kind.ASSOCIATION_REJECTED, _requested_ae(event.assoc),
+                                          "rejected", address=address, tls_subject=subject))
 
     def _on_requested(self, event: Event) -> None:
         """Log who asks over TLS, and hold a calling AE title to its certificate subjects."""
@@ -455,6 +494,12 @@ class DicomServer:
         finally:
             if self.recorder is not None and identifier is not None:
                 self.recorder.record(calling_ae, identifier, given)
+            if self._audit is not None:
+                requestor = event.assoc.requestor
+                self._audit.record(AuditEvent(
+                    Kind.CFIND, calling_ae, outcome,
+                    address=f"{requestor.address}:{requestor.port}",
+                    accessions=tuple(given), detail={"matches": matches, "sent": sent}))
             elapsed = time.perf_counter() - started
             metrics.observe_cfind(calling_ae, outcome, sent, elapsed)
             log.info("C-FIND calling_ae=%s matches=%d sent=%d outcome=%s ms=%.1f", calling_ae,
@@ -463,32 +508,62 @@ class DicomServer:
     # --- MPPS -----------------------------------------------------------------------
 
     def _on_n_create(self, event: Event) -> mpps.Response:
+        recorded: list[MppsResult] = []
         try:
             attribute_list = event.attribute_list
         except Exception as exc:
-            return mpps.failure(mpps.INVALID_ATTRIBUTE_VALUE,
-                                f"cannot decode the attribute list: {exc}"), None
+            refused: mpps.Response = (mpps.failure(
+                mpps.INVALID_ATTRIBUTE_VALUE, f"cannot decode the attribute list: {exc}"), None)
+            self._audit_mpps(event, Kind.MPPS_CREATE, refused, recorded,
+                             event.request.AffectedSOPInstanceUID)
+            return refused
         response = mpps.handle_create(self._store, attribute_list,
                                       sop_instance_uid=event.request.AffectedSOPInstanceUID,
                                       calling_ae_title=_calling_ae(event),
                                       reporting=self._reporting,
-                                      forward_to=self._config.mpps_forward)
+                                      forward_to=self._config.mpps_forward,
+                                      recorded=recorded)
         _count_mpps("create", attribute_list, response)
+        self._audit_mpps(event, Kind.MPPS_CREATE, response, recorded,
+                         event.request.AffectedSOPInstanceUID)
         return response
 
     def _on_n_set(self, event: Event) -> mpps.Response:
+        recorded: list[MppsResult] = []
         try:
             modification_list = event.modification_list
         except Exception as exc:
-            return mpps.failure(mpps.INVALID_ATTRIBUTE_VALUE,
-                                f"cannot decode the modification list: {exc}"), None
+            refused: mpps.Response = (mpps.failure(
+                mpps.INVALID_ATTRIBUTE_VALUE, f"cannot decode the modification list: {exc}"),
+                None)
+            self._audit_mpps(event, Kind.MPPS_SET, refused, recorded,
+                             event.request.RequestedSOPInstanceUID)
+            return refused
         response = mpps.handle_set(self._store, modification_list,
                                    sop_instance_uid=event.request.RequestedSOPInstanceUID,
                                    calling_ae_title=_calling_ae(event),
                                    reporting=self._reporting,
-                                   forward_to=self._config.mpps_forward)
+                                   forward_to=self._config.mpps_forward,
+                                   recorded=recorded)
         _count_mpps("set", modification_list, response)
+        self._audit_mpps(event, Kind.MPPS_SET, response, recorded,
+                         event.request.RequestedSOPInstanceUID)
         return response
+
+    def _audit_mpps(self, event: Event, kind: str, response: mpps.Response,
+                    recorded: list[MppsResult], uid: object) -> None:
+        if self._audit is None:
+            return
+        code = _status_code(response)
+        result = recorded[0] if recorded else None
+        requestor = event.assoc.requestor
+        self._audit.record(AuditEvent(
+            kind, _calling_ae(event), "success" if code == 0 else f"0x{code:04X}",
+            address=f"{requestor.address}:{requestor.port}",
+            accessions=tuple(result.linked_accessions) if result is not None else (),
+            detail={"sop_instance_uid": result.sop_instance_uid if result is not None
+                    else str(uid or ""),
+                    "status": result.status if result is not None else None}))
 
     def _on_n_get(self, event: Event) -> mpps.Response:
         return mpps.handle_get(self._store, event.attribute_identifiers,
@@ -496,9 +571,13 @@ class DicomServer:
                                calling_ae_title=_calling_ae(event))
 
 
-def _count_mpps(operation: str, request: Dataset, response: mpps.Response) -> None:
+def _status_code(response: mpps.Response) -> int:
     status = response[0]
-    code = status if isinstance(status, int) else int(getattr(status, "Status", 0xC000))
+    return status if isinstance(status, int) else int(getattr(status, "Status", 0xC000))
+
+
+def _count_mpps(operation: str, request: Dataset, response: mpps.Response) -> None:
+    code = _status_code(response)
     try:
         asked = str(request.get("PerformedProcedureStepStatus", "") or "").strip().upper()
     except Exception:

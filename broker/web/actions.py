@@ -29,8 +29,8 @@ def replay(c: Console, user: str, message_id: int) -> dict[str, Any]:
                "reply": (result.reply or b"").decode("utf-8", errors="replace")
                .replace("\r", "\n").rstrip("\n")}
     with c.store.writing() as session:
-        audit.record(session, user=user, action="replay", accession_number=accession,
-                     target=f"inbound message {message_id}",
+        audit.record(session, c.services.audit, user=user, action="replay",
+                     accession_number=accession, target=f"inbound message {message_id}",
                      detail=f"answered {result.ack_code or 'nothing'}"
                      + (f": {result.ack_text}" if result.ack_text else ""))
     return outcome
@@ -44,7 +44,7 @@ def retry(c: Console, user: str, queue: str, row_id: int | None) -> dict[str, An
         count = retry_rows(session, row_id)
         if row_id is not None and count == 0:
             raise HTTPException(409, f"{queue} row {row_id} is not in the failed state")
-        audit.record(session, user=user, action="retry",
+        audit.record(session, c.services.audit, user=user, action="retry",
                      accession_number=_accession(session, queue, row_id),
                      target=f"{_NOUN[queue]} {row_id if row_id is not None else '(all failed)'}",
                      detail=f"{count} row(s) put back to pending")
@@ -61,8 +61,9 @@ def drop(c: Console, user: str, queue: str, row_id: int) -> dict[str, Any]:
         if dropped is None:
             raise HTTPException(409, f"{queue} row {row_id} does not exist or was already sent")
         row = shape(dropped)
-        audit.record(session, user=user, action="drop", accession_number=accession,
-                     target=f"{_NOUN[queue]} {row_id}", detail=f"dropped while {row['state']}")
+        audit.record(session, c.services.audit, user=user, action="drop",
+                     accession_number=accession, target=f"{_NOUN[queue]} {row_id}",
+                     detail=f"dropped while {row['state']}")
     return {"queue": queue, "id": row_id, "dropped": row}
 
 

@@ -144,7 +144,7 @@ def create_app(store: Store, config: BrokerConfig, services: ConsoleServices) ->
                   description="Operator console and REST API of worklist-broker "
                   "(docs/rest-api.md).", docs_url="/docs", redoc_url=None)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
-    guard = Guard(config.web)
+    guard = Guard(config.web, audit=services.audit)
     app.state.console = Console(store, config, services, guard, templates)
     app.add_middleware(AuthMiddleware, guard=guard, secure_cookie=config.web.secure_cookie)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")

@@ -21,7 +21,7 @@ from broker.web.security import csrf_ok
 router = APIRouter(include_in_schema=False)
 
 NAV = [("worklist", "Worklist"), ("messages", "Messages"), ("queues", "Queues"),
-       ("mapping", "Mapping tester"), ("status", "Status")]
+       ("mapping", "Mapping tester"), ("status", "Status"), ("audit", "Audit")]
 
 
 def wants_json(request: Request) -> bool:
@@ -177,6 +177,17 @@ async def mpps(uid: str, request: Request) -> Response:
     if data is None:
         raise HTTPException(404, f"no MPPS {uid}")
     return render(request, "mpps.html", data, title=f"MPPS {uid}", section="worklist")
+
+
+@router.get("/audit")
+async def audit_trail(request: Request) -> Response:
+    # Who saw which patient's data is for administrators (the security officer).
+    require(request, "admin")
+    params = request.query_params
+    data = await _data(views.audit_events, console(request).store,
+                       accession=params.get("accession"), actor=params.get("actor"),
+                       limit=_int(params.get("limit"), 200))
+    return render(request, "audit.html", data, title="Audit trail", section="audit")
 
 
 @router.get("/messages")

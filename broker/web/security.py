@@ -17,6 +17,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from broker.audit import AuditEvent, Kind
+from broker.audit_trail import AuditTrail
 from broker.config import WebConfig, WebUser
 
 ROLES = ("viewer", "operator", "admin")
@@ -82,6 +84,8 @@ class Guard:
     """Users, sessions and failed-login bookkeeping of one console."""
 
     config: WebConfig
+    # Where logins are audited (success when a password was verified, every failure).
+    audit: AuditTrail | None = None
     _sessions: dict[str, Session] = field(default_factory=dict)
     _failures: dict[tuple[str, str], _Failures] = field(default_factory=dict)
     # A verified (user, password digest): HTTP Basic scripts poll, scrypt costs ~50 ms.
@@ -118,6 +122,12 @@ class Guard:
         if user is None:
             # Same cost for an unknown name: no user enumeration by timing.
             verify_password(password, hash_password("x"))
+        if self.audit is not None and not self.open and not (ok and cached):
+            # A script's HTTP Basic calls within the cache's 5 minutes are one login.
+            self.audit.record(AuditEvent(Kind.LOGIN if ok else Kind.LOGIN_FAILED, name[:100],
+                                         "success" if ok else "failed", address=client,
+                                         detail={} if ok or user is not None
+                                         else {"reason": "unknown user"}))
         with self._lock:
             if ok and user is not None:
                 self._failures.pop((name, client), None)

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.audit_trail import AuditTrail
+
 
 @dataclass(frozen=True)
 class Listener:
@@ -27,3 +29,5 @@ class ConsoleServices:
     open_associations: Callable[[], int] = lambda: 0
     # Converts an Orthanc-style {"Tags": {...}} dataset into an order (broker.dicom.wl_files).
     uid_root: str = "1.2.826.0.1.3680043.10.1491"
+    # The audit trail (logins, operator actions); None when audit.enabled is false.
+    audit: AuditTrail | None = None

@@ -467,3 +467,19 @@ def ris_link(store: Store) -> dict[str, Any]:
 
 def as_dict(obj: Any) -> Any:
     return asdict(obj)
+
+
+def audit_events(store: Store, *, accession: str | None = None, actor: str | None = None,
+                 limit: int = 200) -> dict[str, Any]:
+    """The audit trail (broker.audit) of one order or one actor, or the newest events."""
+    from broker.audit import list_events
+
+    accession = (accession or "").strip() or None
+    actor = (actor or "").strip() or None
+    if limit < 1 or limit > 5000:
+        raise BadRequest("limit must be between 1 and 5000")
+    with store.reading() as session:
+        events = list_events(session, accession_number=accession, actor=actor, limit=limit)
+    return {"accession": accession, "actor": actor,
+            "events": [event.as_json() for event in reversed(events)]}
+

@@ -177,7 +177,8 @@ def _store_order(c: Console, request: Request, order: Order, action: str,
                 order = replace(order, control=OrderControl.NEW)
             apply_order(session, order, uid_root=c.services.uid_root,
                         reporting=c.config.ris.status_messages.reporting())
-            audit.record(session, user=request.state.principal.name, action=action,
+            audit.record(session, c.services.audit, user=request.state.principal.name,
+                         action=action,
                          accession_number=accession, target=f"worklist item {accession}",
                          detail=json.dumps({"Tags": request.state.tags}, sort_keys=True)[:4000])
     except BrokerError as exc:
@@ -222,7 +223,8 @@ def _delete(c: Console, request: Request, worklist_id: str) -> JSONResponse:
                                    ProcedureData(worklist_id), message_control_id="rest-api"),
                     uid_root=c.services.uid_root,
                     reporting=c.config.ris.status_messages.reporting())
-        audit.record(session, user=request.state.principal.name, action="worklist-delete",
+        audit.record(session, c.services.audit, user=request.state.principal.name,
+                     action="worklist-delete",
                      accession_number=worklist_id, target=f"worklist item {worklist_id}",
                      detail="cancelled (status CANCELLED)")
     return JSONResponse({})

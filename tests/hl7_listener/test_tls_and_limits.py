@@ -365,3 +365,34 @@ def test_tls_only_listener(sqlite_store: Store, pki: Pki) -> None:
     with pytest.raises(ValueError, match="a plain port, a TLS port or both"):
         MllpServer(handler, host="127.0.0.1", port=0, max_connections=1, idle_timeout=1,
                    max_message_bytes=4096, plain=False)
+
+
+def test_received_messages_are_audited_with_address_and_certificate_subject(
+        server: MllpServer, sqlite_store: Store, pki: Pki) -> None:
+    from broker.audit import Kind, list_events
+    from broker.audit_trail import AuditTrail
+
+    trail = AuditTrail(sqlite_store, flush_seconds=3600)
+    server._handler.audit = trail  # type: ignore[attr-defined]
+    server._audit = trail
+    assert field_of(_tls_ack(server, pki, "ACC-AUD-1"), "MSA", 1) == "AA"
+    with pytest.raises((MllpError, OSError)):
+        _tls_ack(server, pki, "ACC-AUD-X", client="rogue")
+    with MllpClient("127.0.0.1", server.port, read_timeout=5) as mllp:
+        ack = mllp.send(orm(control_id="M-PLAIN", accession="").encode()).decode()
+    assert field_of(ack, "MSA", 1) == "AE"
+    trail.flush()
+    with sqlite_store.reading() as s:
+        events = list_events(s, actor="RIS^HOSP", kinds=[Kind.HL7_RECEIVED])
+    assert [(e.outcome, e.accessions, e.tls_subject, e.detail["control_id"]) for e in events] == [
+        ("AA", ("ACC-AUD-1",), "O=Test Hospital,CN=CT1", "M-ACC-AUD-1"),
+        ("AE", (), None, "M-PLAIN")]
+    assert all(e.address and e.address.startswith("127.0.0.1:") for e in events)
+
+    def refused() -> list[tuple[str, str]]:
+        trail.flush()  # the server notes the failure after the client has given up
+        with sqlite_store.reading() as s:
+            return [(e.outcome, e.detail["link"])
+                    for e in list_events(s, actor="", kinds=[Kind.TLS_FAILED])]
+
+    assert wait_for(refused, what="the failed handshake audited") == [("refused", "hl7")]
