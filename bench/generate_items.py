@@ -145,16 +145,18 @@ def status_for(day: dt.date, today: dt.date, key: int) -> ItemStatus:
     return ItemStatus.COMPLETED
 
 
-def days_for(size: int, daily: int, today: dt.date, future_days: int) -> list[dt.date]:
-    """The days holding ``size`` items: today, the next ``future_days``, then back in time;
-    returned oldest first so ids grow with time as in a real database."""
+def days_for(size: int, daily: int, today: dt.date, future_days: int
+             ) -> tuple[list[dt.date], dt.date]:
+    """The days holding ``size`` items, oldest first so ids grow with time as in a real
+    database, and the one cut short: today, the next ``future_days``, then back in time,
+    until ``size`` is reached (the last day taken is the partial one)."""
     order = [today + dt.timedelta(days=d) for d in range(future_days + 1)]
-    needed = -(-size // daily)
+    needed = max(-(-size // daily), 1)
     back = 1
     while len(order) < needed:
         order.append(today - dt.timedelta(days=back))
         back += 1
-    return sorted(order[:needed])
+    return sorted(order[:needed]), order[needed - 1]
 
 
 _ITEM_FIELDS = tuple(n for n in ProcedureData.__slots__ if n != "item_dataset")
@@ -182,13 +184,12 @@ def rows(size: int, *, sites: int = 4, per_day: int = 100, future_days: int = 7,
     patients = max(size // 3, 100)  # a patient comes back about three times
     seen: dict[str, int] = {}
     item_id = 0
-    days = days_for(size, sites * per_day, today, future_days)
-    skip = len(days) * sites * per_day - size  # the oldest day is the one cut short
+    days, partial = days_for(size, sites * per_day, today, future_days)
+    skip = len(days) * sites * per_day - size  # the last sites of the partial day
     for day in days:
         for site in range(1, sites + 1):
             for slot in range(per_day):
-                if skip > 0:
-                    skip -= 1
+                if day == partial and (site - 1) * per_day + slot >= sites * per_day - skip:
                     continue
                 item_id += 1
                 data = item_json(day, site, slot, patients)
@@ -317,7 +318,7 @@ def generate(store: Store, size: int, *, sites: int = 4, per_day: int = 100,
         patients = session.execute(text("SELECT count(*) FROM patient")).scalar_one()
         scheduled = session.execute(text(
             "SELECT count(*) FROM worklist_item WHERE status = 'SCHEDULED'")).scalar_one()
-    days = days_for(size, sites * per_day, today, future_days)
+    days, _ = days_for(size, sites * per_day, today, future_days)
     return Generated(size, patients, scheduled, days[0], days[-1],
                      time.perf_counter() - started)
 

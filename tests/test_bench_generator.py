@@ -12,7 +12,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from sqlalchemy import text
 
-from bench.generate_items import accession, generate, item_json, station
+from bench.generate_items import ITEM_COLUMNS, accession, generate, item_json, rows, station
 from broker.dicom.wl_files import import_worklist
 from broker.domain import WorklistRow
 from broker.matching import WorklistQuery, find_worklist
@@ -87,7 +87,17 @@ def test_a_stations_poll_finds_the_same_items_at_any_size(store):
     with store.reading() as session:
         rows: list[WorklistRow] = find_worklist(session, query)
     assert len(rows) == 30  # CT's 30 % of site 1's 100 orders today
+
     assert {r.procedure.scheduled_start.date() for r in rows if r.procedure.scheduled_start} \
         == {TODAY}
     with store.reading() as session:
         assert session.execute(text("SELECT count(*) FROM worklist_item")).scalar_one() == 450
+
+
+def test_the_day_cut_short_is_the_last_one_taken():
+    """1,000 items of 400 a day: today and tomorrow whole, half of the day after."""
+    starts = [item[ITEM_COLUMNS.index("scheduled_start")].date()
+              for item, _ in rows(1000, sites=4, per_day=100, future_days=7, today=TODAY)]
+    per_day = {day: starts.count(day) for day in set(starts)}
+    assert per_day == {TODAY: 400, TODAY + dt.timedelta(days=1): 400,
+                       TODAY + dt.timedelta(days=2): 200}
