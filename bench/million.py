@@ -135,8 +135,11 @@ def compare(small: BrokerProcess, big: BrokerProcess, count: int
         times: dict[int, list[float]] = {small.dicom_port: [], big.dicom_port: []}
         matches = {small.dicom_port: 0, big.dicom_port: 0}
         cpu = {b.dicom_port: -cpu_seconds(b.process.pid) for b in (small, big)}
-        for _ in range(count):
-            for port in (small.dicom_port, big.dicom_port):
+        for n in range(count):
+            # Alternating who goes first: a broker's work after its answer (the query
+            # recorder's write) must not always land on the other's query.
+            order = (small.dicom_port, big.dicom_port)
+            for port in order if n % 2 == 0 else order[::-1]:
                 ms, matches[port] = _one(port, make())
                 times[port].append(ms)
         for b in (small, big):
