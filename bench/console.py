@@ -107,7 +107,7 @@ class Browsers:
 
 
 def cfind_p50(port: int, queries: int) -> float:
-    p50, _, _ = worklist_bench.measure(port, worklist_bench.typical_poll, queries)
+    p50, _, _, _ = worklist_bench.measure(port, worklist_bench.typical_poll, queries)
     return p50
 
 

@@ -137,16 +137,28 @@ def query(port: int, identifier: Dataset) -> tuple[float, int, int | None]:
     return time.perf_counter() - started, matches, failure
 
 
-def measure(port: int, make: Callable[[], Dataset], count: int) -> tuple[float, float, int]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads: what a query cost the server,
+    whatever the machine's load does to the wall time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # utime, stime, and those of children waited for (a server forking per association).
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(port: int, make: Callable[[], Dataset], count: int, pid: int | None = None
+            ) -> tuple[float, float, int, float]:
+    """p50, p95 (ms), matches, and the server's CPU ms per query (nan without ``pid``)."""
     query(port, make())  # warm-up
     times, matches = [], 0
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     for _ in range(count):
         seconds, matches, failure = query(port, make())
         if failure is not None:
             raise SystemExit(f"query failed with {failure:#x} on port {port}")
         times.append(seconds * 1000)
+    cpu = (cpu_seconds(pid) - cpu_before) * 1000 / count if pid else float("nan")
     q = statistics.quantiles(times, n=20, method="inclusive")
-    return q[9], q[18], matches
+    return q[9], q[18], matches, cpu
 
 
 def burst(port: int, seconds: float, modalities: int = 40) -> tuple[int, int, int, float]:
@@ -210,9 +222,11 @@ def main() -> None:
             wlm, wlm_port = start_wlmscpfs(files)
             try:
                 for name, make in kinds:
-                    b50, b95, bm = measure(broker.dicom_port, make(size), args.queries)
-                    w50, w95, wm = measure(wlm_port, make(size), max(args.queries // 2, 3))
-                    table.append((size, name, bm, b50, b95, wm, w50, w95))
+                    b50, b95, bm, bcpu = measure(broker.dicom_port, make(size), args.queries,
+                                                 broker.process.pid)
+                    w50, w95, wm, wcpu = measure(wlm_port, make(size),
+                                                 max(args.queries // 2, 3), wlm.pid)
+                    table.append((size, name, bm, b50, b95, wm, w50, w95, bcpu, wcpu))
                     # As measured too: a long run that fails later keeps what it has.
                     print(f"  {size} {name}: broker p50 {b50:.1f} ms, wlmscpfs p50 "
                           f"{w50:.1f} ms", flush=True)
@@ -223,11 +237,20 @@ def main() -> None:
                 wlm.terminate()
                 wlm.wait(timeout=10)
     print(f"{'items':>7} {'query':<14}{'matches':>8}{'broker p50':>11}{'p95':>8}"
-          f"{'wlmscpfs p50':>13}{'p95':>8}{'wlm/broker':>11}   (ms)")
-    for size, name, bm, b50, b95, wm, w50, w95 in table:
+          f"{'wlmscpfs p50':>13}{'p95':>8}{'wlm/broker':>11}{'CPU broker':>11}{'wlmscpfs':>9}"
+          "   (ms; CPU: the server process's per query)")
+    for size, name, bm, b50, b95, wm, w50, w95, bcpu, wcpu in table:
         flag = "" if bm == wm else f"  (wlmscpfs matched {wm})"
         print(f"{size:>7} {name:<14}{bm:>8}{b50:>11.1f}{b95:>8.1f}{w50:>13.1f}{w95:>8.1f}"
-              f"{w50 / b50:>10.1f}x{flag}")
+              f"{w50 / b50:>10.1f}x{bcpu:>11.1f}{wcpu:>9.1f}{flag}")
+    by_kind = {(row[0], row[1]): row for row in table}
+    for size in sorted({row[0] for row in table}):
+        poll, week = by_kind.get((size, "typical poll")), by_kind.get((size, "7-day range"))
+        if poll and week and week[2] > poll[2]:
+            extra = week[2] - poll[2]
+            print(f"broker's own cost per match at {size} items: "
+                  f"{(week[3] - poll[3]) / extra:.2f} ms wall (p50s), "
+                  f"{(week[8] - poll[8]) / extra:.2f} ms CPU")
     sizes = sorted({row[0] for row in table})
     if len(sizes) > 1:
         p50 = {(row[0], row[1]): row[3] for row in table}
