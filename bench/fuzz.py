@@ -11,8 +11,10 @@ Targets:
   well-formed ACK naming its MSH-10 whenever that can be read (or, in enhanced mode, with
   none), and never raise.
 - ``identifier``: any bytes as a C-FIND identifier (explicit VR little endian dataset), read
-  the way the SCP reads one, matched against a small worklist and rendered. Only
-  ``InvalidQuery`` (answered 0xA900 naming the key) may come out.
+  the way the SCP reads one (pynetdicom's decoding, then ``read_identifier``), matched against
+  a small worklist, rendered and encoded as pynetdicom sends each answer. Only
+  ``InvalidQuery`` (answered 0xA900 naming the key) may come out; what pydicom cannot read as
+  a dataset at all (a truncated element header) is answered 0xC000 and skipped here.
 
 A finding stops the run with the input saved as ``crash-*`` in the working directory
 (atheris / libFuzzer); libFuzzer's last line ("Done N runs") counts the inputs.
@@ -40,14 +42,16 @@ import yaml  # noqa: E402, F401
 
 with atheris.instrument_imports():
     import pydicom  # noqa: F401
-    from pydicom.filereader import read_dataset
 
     import broker.matching
     import hl7_listener.ack
     import hl7_listener.handler
     import hl7_listener.mapping
     import hl7_listener.message
-    from broker.dicom.worklist import query_from_identifier, response_renderer
+    from broker.dicom.identifier import read_identifier
+    from broker.dicom.worklist import answer_encoder, query_from_identifier
+
+from pynetdicom.dsutils import decode, encode  # noqa: E402
 
 from broker.domain import Order, OrderControl, PatientData, ProcedureData  # noqa: E402
 from broker.orders import apply_order  # noqa: E402
@@ -88,22 +92,24 @@ def identifier_target() -> object:
 
     def one(data: bytes) -> None:
         try:
-            identifier = read_dataset(io.BytesIO(data), is_implicit_VR=False,
-                                      is_little_endian=True)
-            # What pydicom cannot even read as a dataset never reaches the broker's code.
-            for element in identifier.iterall():
-                _ = element.value
+            identifier = decode(io.BytesIO(data), False, True)
+            # Element headers are read eagerly: what pydicom cannot even split into
+            # elements is answered 0xC000 by the SCP (nothing to name) and not the broker's.
+            _ = list(identifier.keys())
         except Exception:
             return
         try:
+            read_identifier(identifier)
             query = query_from_identifier(identifier, max_matches=100)
             with store.reading() as session:
                 rows = broker.matching.find_worklist(session, query)
         except broker.matching.InvalidQuery:
             return
-        render = response_renderer(identifier)
-        for row in rows:
-            render(row)
+        for implicit_vr in (True, False):
+            render = answer_encoder(identifier, implicit_vr=implicit_vr)
+            for row in rows:
+                if encode(render(row), implicit_vr, True) is None:
+                    raise AssertionError("an answer pynetdicom cannot encode")
 
     return one
 

@@ -27,8 +27,8 @@ from broker.dicom.wl_files import SPS_STATUS_TERMS, ItemView, item_view, text_by
 from broker.domain import ItemStatus, WorklistRow
 from broker.matching import WorklistQuery
 
-__all__ = ["SPS_STATUS_TERMS", "answer_encoder", "query_from_identifier", "render_response",
-           "response_renderer"]
+__all__ = ["MATCHED_TAGS", "SPS_STATUS_TERMS", "answer_encoder", "query_from_identifier",
+           "render_response", "response_renderer"]
 
 # Text value representations, encoded once per answer (_LONG_TEXT_VRS may exceed 64 KiB).
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
@@ -112,6 +112,9 @@ _CODE_KEYS: dict[int, str] = {
     CODING_SCHEME: "requested_procedure_code_scheme",
     CODE_MEANING: "requested_procedure_code_meaning",
 }
+# Every key whose value becomes a filter: a value the broker cannot read there is refused,
+# elsewhere it is read as universal (broker.dicom.identifier).
+MATCHED_TAGS = frozenset({*_TOP_KEYS, *_SPS_KEYS, *_CODE_KEYS, SPS_STATUS})
 _NAME_KEYS = ("patient_name", "referring_physician_name", "requesting_physician",
               "scheduled_performing_physician_name")
 
