@@ -106,15 +106,19 @@ def _read_element(dataset: Dataset, tag: int, encodings: list[str]) -> DataEleme
 
 def _read(dataset: Dataset, encodings: list[str]) -> None:
     for tag in list(dataset.keys()):
-        if tag.element == 0:
-            # Group lengths are not keys (and retired in datasets, PS3.5 7.2): a wrong one
-            # would only fail later, when the answer is planned.
+        if tag.element == 0 or tag.group < 8 or tag.group == 0xFFFE:
+            # Not attributes of an identifier: group lengths (retired in datasets, PS3.5
+            # 7.2), command and file meta groups, item delimiters out of place. They would
+            # come back in the answer as keys and fail its encoding; nothing to match on.
             del dataset[tag]
             continue
         sent_vr = _raw_vr(dataset, tag)
         element = _read_element(dataset, tag, encodings)
         expected = _expected_vr(tag)
         vr = element.VR or sent_vr
+        if vr not in _KNOWN_VRS:
+            del dataset[tag]  # no VR an answer could carry it with (the dictionary's "NONE")
+            continue
         if expected == "SQ" and vr != "SQ":
             raise UnreadableKey(tag, f"sent as {vr}, not SQ")
         if vr == "SQ":

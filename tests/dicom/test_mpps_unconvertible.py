@@ -4,7 +4,6 @@ what cannot be kept at all is refused 0x0106 naming the attribute."""
 
 from __future__ import annotations
 
-
 import pytest
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
