@@ -35,9 +35,12 @@ from broker.store import Store
 from tests.dicom.conftest import DAY, ORDERS, load, order, start_server
 from tests.dicom.raw import element, raw_dataset
 
-BUDGET = settings(max_examples=60, deadline=None,
+# Modest, per backend, so that the suite stays fast (bench/fuzz.py is the long run): each
+# MPPS example is four associations and two commits.
+BUDGET = settings(max_examples=40, deadline=None,
                   suppress_health_check=[HealthCheck.function_scoped_fixture,
                                          HealthCheck.too_slow])
+MPPS_BUDGET = settings(BUDGET, max_examples=25)
 
 # Keys the broker matches on or returns, MPPS attributes, and a few others (one private).
 TAGS: dict[int, str] = {
@@ -134,7 +137,13 @@ def find_server(store: Store) -> Iterator[DicomServer]:
 @given(encoded=st.lists(elements(), min_size=1, max_size=8))
 def test_any_identifier_gets_a_well_formed_answer(find_server: DicomServer,
                                                   encoded: list[bytes]) -> None:
-    identifier = raw_dataset(*_ordered(encoded))
+    try:
+        identifier = raw_dataset(*_ordered(encoded))
+    except ValueError:
+        # pydicom reads the Specific Character Set while it splits the elements: a value
+        # Python's codecs refuse (a NUL byte) fails it here, and in the SCP's decoding as
+        # well, answered 0xC000 (tests/dicom/test_scp.py: undecodable identifier).
+        return
     if not _sendable(identifier):
         return
     ae = AE(ae_title="FUZZ_SCU")
@@ -166,8 +175,12 @@ def mpps_server(store: Store) -> Iterator[DicomServer]:
     server.stop()
 
 
-def _with_raw(dataset: Dataset, encoded: list[bytes]) -> Dataset:
-    for raw in raw_dataset(*_ordered(encoded)).values():
+def _with_raw(dataset: Dataset, encoded: list[bytes]) -> Dataset | None:
+    try:
+        extra = raw_dataset(*_ordered(encoded))
+    except ValueError:  # as for C-FIND above: pydicom cannot split the elements
+        return None
+    for raw in extra.values():
         assert isinstance(raw, RawDataElement)
         dataset[raw.tag] = raw
     return dataset
@@ -208,7 +221,7 @@ def _state(store: Store, uid: str, accession: str) -> tuple[str | None, str, int
     return (None if mpps is None else str(mpps)), str(item), int(rows or 0)
 
 
-@BUDGET
+@MPPS_BUDGET
 @given(created=st.lists(elements(), max_size=5), modified=st.lists(elements(), max_size=4))
 def test_any_mpps_is_kept_whole_or_refused_whole(mpps_server: DicomServer, store: Store,
                                                  created: list[bytes],
@@ -222,7 +235,7 @@ def test_any_mpps_is_kept_whole_or_refused_whole(mpps_server: DicomServer, store
     created = [one for one in created if one[:4] != struct.pack("<HH", 0x0040, 0x0270)]
     create = _with_raw(create_dataset(accession=accession, calling_aet="FUZZ_SCU",
                                       modality="CT", study_instance_uid=None), created)
-    if not _sendable(create):
+    if create is None or not _sendable(create):
         return
     port = mpps_server.port
     code = _mpps_request(port, create, uid, create=True)
@@ -238,7 +251,7 @@ def test_any_mpps_is_kept_whole_or_refused_whole(mpps_server: DicomServer, store
     assert _state(store, uid, accession) == ("IN PROGRESS", str(ItemStatus.IN_PROGRESS), 1)
 
     modification = _with_raw(set_dataset("COMPLETED"), modified)
-    if not _sendable(modification):
+    if modification is None or not _sendable(modification):
         return
     code = _mpps_request(port, modification, uid, create=False)
     event(f"N-SET 0x{code:04X}")
