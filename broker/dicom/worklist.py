@@ -25,7 +25,7 @@ from pydicom.valuerep import PersonName
 from broker.dicom.charsets import Unencodable, codec_for, recode
 from broker.dicom.wl_files import SPS_STATUS_TERMS, ItemView, item_view, text_bytes
 from broker.domain import ItemStatus, WorklistRow
-from broker.matching import WorklistQuery
+from broker.matching import WorklistQuery, wildcard_regex
 
 __all__ = ["MATCHED_TAGS", "SPS_STATUS_TERMS", "answer_encoder", "query_from_identifier",
            "render_response", "response_renderer"]
@@ -144,8 +144,8 @@ def _key(dataset: Dataset, tag: int) -> str | None:
 
 
 def _wildcard_regex(value: str) -> re.Pattern[str]:
-    return re.compile("".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch)
-                              for ch in value))
+    # Atomic: a run of "*" against a status term took exponential time (wildcard_regex).
+    return re.compile(wildcard_regex(value, one=".", atomic=True), re.DOTALL)
 
 
 def _statuses(value: str) -> tuple[ItemStatus, ...]:
