@@ -121,6 +121,10 @@ def _read(dataset: Dataset, encodings: list[str]) -> None:
             continue
         if expected == "SQ" and vr != "SQ":
             raise UnreadableKey(tag, f"sent as {vr}, not SQ")
+        if tag in MATCHED_TAGS and vr != "SQ" and "\x00" in str(element.value or ""):
+            # No stored value holds one, and PostgreSQL refuses a NUL in any string: the
+            # query would fail as a database error (0xC001) instead of naming the key.
+            raise UnreadableKey(tag, "holds a NUL character")
         if vr == "SQ":
             if expected is not None and expected not in ("SQ", "UN"):
                 raise UnreadableKey(tag, f"sent as SQ, not {expected}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pydicom.uid import ExplicitVRLittleEndian
 
-from tests.dicom.conftest import Running
+from broker.store import Store
+from tests.dicom.conftest import ORDERS, Running, load, start_server
 from tests.dicom.raw import element, raw_dataset
 from tests.dicom.scu import find
 
@@ -67,4 +68,16 @@ def test_is_value_beyond_python_int_limit_in_a_return_key_is_answered(running: R
 def test_unreadable_value_in_a_matched_key_is_refused_naming_it(running: Running):
     # Accession Number sent as FD with two bytes: no number, no text, nothing to match on.
     result = _find(running, element(ACCESSION, "FD", b"\x01\x02"))
+    _refused(result, ACCESSION, "(0008,0050) AccessionNumber")
+
+
+def test_nul_inside_a_matched_key_is_refused_naming_it(store: Store) -> None:
+    # PostgreSQL refuses a NUL in any string: the query failed as a database error (0xC001).
+    load(store, ORDERS)
+    server = start_server(store)
+    try:
+        result = find(server.port, raw_dataset(element(ACCESSION, "SH", b"\x00\x01")),
+                      transfer_syntax=ExplicitVRLittleEndian)
+    finally:
+        server.stop()
     _refused(result, ACCESSION, "(0008,0050) AccessionNumber")
