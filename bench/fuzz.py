@@ -15,9 +15,12 @@ Targets:
   store on SQLite in a temporary folder, the ACK). Every input must be answered with a
   well-formed ACK naming its MSH-10 whenever that can be read (or, in enhanced mode, with
   none), and never raise.
-- ``identifier``: any bytes as a C-FIND identifier (explicit VR little endian dataset), read
-  the way the SCP reads one, matched against a small worklist and rendered. Only
-  ``InvalidQuery`` (answered 0xA900 naming the key) may come out.
+- ``identifier``: any bytes as a C-FIND identifier, read as explicit and as implicit VR
+  little endian the way the SCP reads one (pynetdicom's decoding, then ``read_identifier``),
+  matched against a small worklist, rendered and encoded in the same transfer syntax as
+  pynetdicom sends each answer. Only ``InvalidQuery`` (answered 0xA900 naming the key) may
+  come out; what pydicom cannot split into elements (a truncated header) is answered 0xC000
+  and skipped here.
 
 A finding stops the run with the input saved as ``crash-*`` in the working directory
 (atheris / libFuzzer); libFuzzer's last line ("Done N runs") counts the inputs.
@@ -45,14 +48,16 @@ import yaml  # noqa: E402, F401
 
 with atheris.instrument_imports():
     import pydicom  # noqa: F401
-    from pydicom.filereader import read_dataset
 
     import broker.matching
     import hl7_listener.ack
     import hl7_listener.handler
     import hl7_listener.mapping
     import hl7_listener.message
-    from broker.dicom.worklist import query_from_identifier, response_renderer
+    from broker.dicom.identifier import read_identifier
+    from broker.dicom.worklist import answer_encoder, query_from_identifier
+
+from pynetdicom.dsutils import decode, encode  # noqa: E402
 
 from broker.domain import Order, OrderControl, PatientData, ProcedureData  # noqa: E402
 from broker.orders import apply_order  # noqa: E402
@@ -122,34 +127,41 @@ def identifier_target() -> object:
                 scheduled_start=dt.datetime(2026, 11, 29, 9 + n))), uid_root="1.2.3")
 
     def one(data: bytes) -> None:
+        # Read as both transfer syntaxes a modality proposes: implicit VR takes each VR from
+        # the dictionary (a sequence key's bytes are then parsed as items).
+        for implicit_vr in (False, True):
+            answer(data, implicit_vr)
+
+    def answer(data: bytes, implicit_vr: bool) -> None:
         try:
-            identifier = read_dataset(io.BytesIO(data), is_implicit_VR=False,
-                                      is_little_endian=True)
-            # What pydicom cannot even read as a dataset never reaches the broker's code.
-            for element in identifier.iterall():
-                _ = element.value
+            identifier = decode(io.BytesIO(data), implicit_vr, True)
+            # Element headers are read eagerly: what pydicom cannot even split into
+            # elements is answered 0xC000 by the SCP (nothing to name) and not the broker's.
+            _ = list(identifier.keys())
         except Exception:
             return
         try:
+            read_identifier(identifier)
             query = query_from_identifier(identifier, max_matches=100)
             with store.reading() as session:
                 rows = broker.matching.find_worklist(session, query)
         except broker.matching.InvalidQuery:
             return
-        render = response_renderer(identifier)
+        render = answer_encoder(identifier, implicit_vr=implicit_vr)
         for row in rows:
-            render(row)
+            if encode(render(row), implicit_vr, True) is None:
+                raise AssertionError("an answer pynetdicom cannot encode")
 
     return one
 
 
 def identifier_seeds() -> list[bytes]:
-    """Identifiers as modalities send them, explicit VR little endian."""
+    """Identifiers as modalities send them, in explicit and in implicit VR little endian."""
     from pydicom.dataset import Dataset
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
 
-    def encoded(**top: object) -> bytes:
+    def encoded(implicit_vr: bool = False, **top: object) -> bytes:
         step = Dataset()
         step.Modality = top.pop("Modality", "CT")
         step.ScheduledStationAETitle = top.pop("ScheduledStationAETitle", "")
@@ -165,14 +177,18 @@ def identifier_seeds() -> list[bytes]:
         ds.RequestedProcedureCodeSequence = []
         ds.ScheduledProcedureStepSequence = [step]
         buffer = DicomBytesIO()
-        buffer.is_little_endian, buffer.is_implicit_VR = True, False
+        buffer.is_little_endian, buffer.is_implicit_VR = True, implicit_vr
         write_dataset(buffer, ds)
         return buffer.getvalue()
 
-    return [encoded(), encoded(PatientName="DOE*", Modality="MR"),
-            encoded(AccessionNumber="ACC1", Date="20261128-20261130"),
-            encoded(SpecificCharacterSet="ISO 2022 IR 87", PatientName="ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎"),
-            encoded(ScheduledStationAETitle="CT_1", Modality="")]
+    seeds = []
+    for implicit_vr in (False, True):
+        seeds += [encoded(implicit_vr), encoded(implicit_vr, PatientName="DOE*", Modality="MR"),
+                  encoded(implicit_vr, AccessionNumber="ACC1", Date="20261128-20261130"),
+                  encoded(implicit_vr, SpecificCharacterSet="ISO 2022 IR 87",
+                          PatientName="ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎"),
+                  encoded(implicit_vr, ScheduledStationAETitle="CT_1", Modality="")]
+    return seeds
 
 
 def main() -> None:

@@ -186,20 +186,36 @@ def match_uid_list(column: Column, value: str | None) -> Condition | None:
     return column == uids[0] if len(uids) == 1 else column.in_(uids)
 
 
-def _value_regex(value: str, *, wildcards: bool) -> str:
+def _value_regex(value: str, *, wildcards: bool, atomic: bool = False) -> str:
     """One key value as a regular expression over one of the ``\\``-separated values of a
     stored multi-valued attribute."""
-    out = []
-    for ch in value:
-        if wildcards and ch == "*":
-            out.append(r"[^\\]*")
-        elif wildcards and ch == "?":
-            out.append(r"[^\\]")
-        elif ch in _REGEX_SPECIAL:
-            out.append("\\" + ch)
-        else:
-            out.append(ch)
-    return "".join(out)
+    if not wildcards:
+        return "".join("\\" + ch if ch in _REGEX_SPECIAL else ch for ch in value)
+    return wildcard_regex(value, one=r"[^\\]", atomic=atomic)
+
+
+def wildcard_regex(value: str, *, one: str, atomic: bool) -> str:
+    """A DICOM wild card value (PS3.4 C.2.2.2.4) as a regular expression: ``?`` is ``one``
+    (a character class), ``*`` any run of them, everything else literal.
+
+    A backtracking engine (Python's re, SQLite's REGEXP) took 52 s on one 64-character name
+    for ``*A*A*A*A*A*A*A*AB``, and as long for a run of 30 ``*`` (bench/fuzz.py): one C-FIND
+    could hold a worker and a pooled connection for minutes per item. Runs of ``*`` are one
+    ``*``, and with ``atomic`` every part between two ``*`` is matched at its first
+    occurrence and never tried again (an atomic group; the earliest occurrence is always as
+    good as a later one): the search is then bounded by the value's length times the key's
+    parts, not exponential in them. PostgreSQL's engine does not
+    backtrack this way and has no atomic groups.
+    """
+    many = f"{one}*"
+    parts = ["".join(one if ch == "?" else "\\" + ch if ch in _REGEX_SPECIAL else ch
+                     for ch in part) for part in re.split(r"\*+", value)]
+    if len(parts) == 1:
+        return parts[0]
+    if not atomic:
+        return many.join(parts)
+    first, *middle, last = parts
+    return first + "".join(f"(?>{many}?{part})" for part in middle) + many + last
 
 
 def match_multi_valued(column: Column, value: str | None, *, dialect: str,
@@ -223,7 +239,8 @@ def match_multi_valued(column: Column, value: str | None, *, dialect: str,
     parts = [part for part in value.split("\\") if part]
     if not parts:
         return single
-    alternatives = "|".join(_value_regex(part, wildcards=wildcards) for part in parts)
+    alternatives = "|".join(_value_regex(part, wildcards=wildcards, atomic=dialect == "sqlite")
+                            for part in parts)
     several = column.contains("\\", autoescape=True)
     return or_(single, several & _regex(column, rf"(^|\\)({alternatives})(\\|$)",
                                         dialect=dialect, case_insensitive=False))
@@ -235,26 +252,16 @@ def match_multi_valued(column: Column, value: str | None, *, dialect: str,
 _REGEX_SPECIAL = frozenset("\\.^$*+?{}[]|()")
 
 
-def _name_group_pattern(group: str) -> str:
+def _name_group_pattern(group: str, *, atomic: bool = False) -> str:
     """One component group of a PN key as a regular expression over one stored group.
 
     DICOM wild cards never reach across a component group delimiter "=", and empty trailing
     components ("DOE^JOHN^^") name the same person as without them (PS3.5 6.2.1).
     """
-    out = []
-    for ch in group.rstrip("^"):
-        if ch == "*":
-            out.append("[^=]*")
-        elif ch == "?":
-            out.append("[^=]")
-        elif ch in _REGEX_SPECIAL:
-            out.append("\\" + ch)
-        else:
-            out.append(ch)
-    return "".join(out) + r"\^*"
+    return wildcard_regex(group.rstrip("^"), one="[^=]", atomic=atomic) + r"\^*"
 
 
-def person_name_pattern(value: str) -> str | None:
+def person_name_pattern(value: str, *, atomic: bool = False) -> str | None:
     """A PN key (single value or wild card) as a regular expression; ``None`` = universal.
 
     A PN value has up to three component groups, alphabetic=ideographic=phonetic
@@ -273,8 +280,9 @@ def person_name_pattern(value: str) -> str | None:
     if not groups:
         return None
     if len(groups) == 1:
-        return f"(^|=){_name_group_pattern(groups[0])}(=|$)"
-    parts = ["[^=]*" if group in ("", "*") else _name_group_pattern(group) for group in groups]
+        return f"(^|=){_name_group_pattern(groups[0], atomic=atomic)}(=|$)"
+    parts = ["[^=]*" if group in ("", "*") else _name_group_pattern(group, atomic=atomic)
+             for group in groups]
     return "^" + "=".join(parts) + "(=|$)"
 
 
@@ -297,7 +305,8 @@ def match_person_name(column: Column, value: str | None, *, dialect: str,
     for part in (part.strip() for part in value.split("\\")):
         if not part:
             continue
-        pattern = person_name_pattern(part)
+        # SQLite's REGEXP is Python's backtracking re (see wildcard_regex).
+        pattern = person_name_pattern(part, atomic=dialect == "sqlite")
         if pattern is None:
             return None  # "*" (C.2.2.2.4), or nothing asked of any group: universal
         conditions.append(_regex(column, pattern, dialect=dialect,

@@ -16,12 +16,16 @@ every attribute for an empty Attribute Identifier List, 0x0112 for an unknown in
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.charset import decode_bytes
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.tag import BaseTag
 from pydicom.uid import generate_uid
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -108,12 +112,67 @@ def _steps(dataset: Dataset) -> tuple[ScheduledStepRef, ...]:
     )
 
 
-def _json(dataset: Dataset) -> str | None:
+# Text VRs (PS3.5 6.2): a value pydicom cannot convert is still text, in the dataset's
+# character set, whatever the transfer syntax.
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                       "TM", "UC", "UI", "UR", "UT"})
+
+
+def _name(tag: BaseTag) -> str:
+    return f"{tag} {keyword_for_tag(tag) if not tag.is_private else ''}".strip()
+
+
+def _as_received(raw: RawDataElement | DataElement | None, tag: BaseTag,
+                 encodings: list[str], exc: Exception) -> dict[str, Any]:
+    """A text value pydicom cannot put into DICOM JSON (IS ``abc``, DS ``x,y``, an IS of
+    5,000 digits): kept as the text received, as UT, which holds any text unchanged (no
+    length limit, backslashes are not delimiters). N-GET writes it back as those characters
+    in the dataset's character set; every reader of the kept JSON can read it."""
+    vr = raw.VR if raw is not None else None
+    if vr is None:
+        vr = _expected_vr(tag)
+    if isinstance(raw, RawDataElement) and vr in _TEXT_VRS and isinstance(raw.value,
+                                                                           bytes | None):
+        text = decode_bytes((raw.value or b"").rstrip(b"\x00 "), encodings, set())
+        return {"vr": "UT", "Value": [text]} if text else {"vr": "UT"}
+    raise MppsError(INVALID_ATTRIBUTE_VALUE,
+                    f"{_name(tag)}: cannot be kept ({type(exc).__name__}: {exc})")
+
+
+def _expected_vr(tag: BaseTag) -> str | None:
     try:
-        return dataset.to_json()
-    except Exception as exc:  # kept for audits only: never a reason to refuse the step
-        log.warning("MPPS dataset not kept as JSON: %s", exc)
+        return None if tag.is_private else str(dictionary_VR(tag))
+    except KeyError:
         return None
+
+
+def _json_dict(dataset: Dataset) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    for tag in dataset.keys():
+        raw = dataset.get_item(tag, keep_deferred=True)
+        try:
+            element = dataset[tag]
+            if element.VR == "SQ":
+                items = [_json_dict(item) for item in element.value]
+                kept[f"{tag:08X}"] = {"vr": "SQ", **({"Value": items} if items else {})}
+                continue
+            one = element.to_json_dict(None, 0)
+            # Read back as N-GET will read it; NaN and infinities are not JSON.
+            Dataset.from_json({f"{tag:08X}": one})
+            json.dumps(one, allow_nan=False)
+        except MppsError:
+            raise
+        except Exception as exc:
+            one = _as_received(raw, tag, list(dataset._character_set), exc)
+        kept[f"{tag:08X}"] = one
+    return kept
+
+
+def _json(dataset: Dataset) -> str:
+    """The dataset as DICOM JSON, each value as received where JSON cannot hold it; raises
+    :class:`MppsError` (0x0106 naming the attribute) when it cannot be kept at all: the step
+    is never answered Success with data that was not kept."""
+    return json.dumps(_json_dict(dataset), allow_nan=False)
 
 
 def _status(dataset: Dataset, *, required: bool) -> str | None:
@@ -149,6 +208,8 @@ def create_request(dataset: Dataset, *, sop_instance_uid: str,
     """The core's N-CREATE request; raises :class:`MppsError` with the status to answer."""
     status = _status(dataset, required=True) or ""
     _require(dataset, _CREATE_TYPE_1)
+    # First, so that an attribute that cannot be read or kept is the one named.
+    attributes_json = _json(dataset)
     return MppsCreate(
         sop_instance_uid=sop_instance_uid,
         status=status,
@@ -157,18 +218,19 @@ def create_request(dataset: Dataset, *, sop_instance_uid: str,
                         "PerformedProcedureStepStartTime"),
         performed_station_ae_title=_text(dataset, "PerformedStationAETitle"),
         calling_ae_title=calling_ae_title,
-        attributes_json=_json(dataset),
+        attributes_json=attributes_json,
     )
 
 
 def set_request(dataset: Dataset, *, sop_instance_uid: str) -> MppsSet:
     """The core's N-SET request; raises :class:`MppsError` with the status to answer."""
+    attributes_json = _json(dataset)
     return MppsSet(
         sop_instance_uid=sop_instance_uid,
         status=_status(dataset, required=False),
         end=_datetime(dataset, "PerformedProcedureStepEndDate",
                       "PerformedProcedureStepEndTime"),
-        attributes_json=_json(dataset),
+        attributes_json=attributes_json,
     )
 
 
@@ -238,8 +300,7 @@ def handle_create(store: Store, attribute_list: Any, *, sop_instance_uid: str | 
                           session, request, reporting, forward_to=forward_to)))
     if refused is not None:
         return refused
-    response = Dataset()
-    response.update(attribute_list)
+    response = _answered(request.attributes_json)
     if not sop_instance_uid:
         response.AffectedSOPInstanceUID = uid
     return SUCCESS, response
@@ -267,9 +328,14 @@ def handle_set(store: Store, modification_list: Any, *, sop_instance_uid: str | 
                           session, request, reporting, forward_to=forward_to)))
     if refused is not None:
         return refused
-    response = Dataset()
-    response.update(modification_list)
-    return SUCCESS, response
+    return SUCCESS, _answered(request.attributes_json)
+
+
+def _answered(kept: str | None) -> Dataset:
+    """The attribute list of a Success response: what was kept, as N-GET will give it. The
+    request's own dataset may hold values pydicom cannot encode again (an IS of 5,000
+    digits): pynetdicom would then answer 0x0110 for a step already recorded."""
+    return Dataset.from_json(kept) if kept else Dataset()
 
 
 def _selection(stored: Dataset, tags: Sequence[BaseTag]) -> Dataset:

@@ -25,10 +25,10 @@ from pydicom.valuerep import PersonName
 from broker.dicom.charsets import Unencodable, codec_for, recode
 from broker.dicom.wl_files import SPS_STATUS_TERMS, ItemView, item_view, text_bytes
 from broker.domain import ItemStatus, WorklistRow
-from broker.matching import WorklistQuery
+from broker.matching import WorklistQuery, wildcard_regex
 
-__all__ = ["SPS_STATUS_TERMS", "answer_encoder", "query_from_identifier", "render_response",
-           "response_renderer"]
+__all__ = ["MATCHED_TAGS", "SPS_STATUS_TERMS", "answer_encoder", "query_from_identifier",
+           "render_response", "response_renderer"]
 
 # Text value representations, encoded once per answer (_LONG_TEXT_VRS may exceed 64 KiB).
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
@@ -112,6 +112,9 @@ _CODE_KEYS: dict[int, str] = {
     CODING_SCHEME: "requested_procedure_code_scheme",
     CODE_MEANING: "requested_procedure_code_meaning",
 }
+# Every key whose value becomes a filter: a value the broker cannot read there is refused,
+# elsewhere it is read as universal (broker.dicom.identifier).
+MATCHED_TAGS = frozenset({*_TOP_KEYS, *_SPS_KEYS, *_CODE_KEYS, SPS_STATUS})
 _NAME_KEYS = ("patient_name", "referring_physician_name", "requesting_physician",
               "scheduled_performing_physician_name")
 
@@ -141,8 +144,8 @@ def _key(dataset: Dataset, tag: int) -> str | None:
 
 
 def _wildcard_regex(value: str) -> re.Pattern[str]:
-    return re.compile("".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch)
-                              for ch in value))
+    # Atomic: a run of "*" against a status term took exponential time (wildcard_regex).
+    return re.compile(wildcard_regex(value, one=".", atomic=True), re.DOTALL)
 
 
 def _statuses(value: str) -> tuple[ItemStatus, ...]:

@@ -42,10 +42,16 @@ class FindResult:
 
 
 def find(port: int, identifier: Dataset, *, calling_aet: str = "TEST_SCU",
-         called_aet: str = "WORKLISTS", cancel_after: int | None = None) -> FindResult:
-    """One association, one worklist C-FIND; optionally C-CANCEL after some matches."""
+         called_aet: str = "WORKLISTS", cancel_after: int | None = None,
+         transfer_syntax: str | None = None) -> FindResult:
+    """One association, one worklist C-FIND; optionally C-CANCEL after some matches.
+    ``transfer_syntax``: the only one proposed (explicit VR little endian for raw datasets,
+    which pydicom then sends byte for byte)."""
     ae = AE(ae_title=calling_aet)
-    ae.add_requested_context(ModalityWorklistInformationFind)
+    if transfer_syntax is None:
+        ae.add_requested_context(ModalityWorklistInformationFind)
+    else:
+        ae.add_requested_context(ModalityWorklistInformationFind, [transfer_syntax])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
     assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
     assert assoc.is_established, "association refused"
