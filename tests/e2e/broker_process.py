@@ -99,5 +99,12 @@ def launch(directory: Path, config_path: Path, dicom_port: int, hl7_port: int,
         return listening(dicom_port) and listening(hl7_port) and (
             not web_port or listening(web_port))
 
-    wait_for(ready, timeout=30, what="the broker to listen")
+    try:
+        wait_for(ready, timeout=30, what="the broker to listen")
+    except BaseException:
+        # A broker that never came up must not outlive the test (nor hold its ports).
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        raise
     return broker
