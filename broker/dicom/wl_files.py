@@ -36,7 +36,6 @@ from typing import Any
 from pydicom import __version__ as pydicom_version
 from pydicom import config, dcmread
 from pydicom.charset import convert_encodings
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -47,6 +46,37 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from pydicom.valuerep import PersonName
 from sqlalchemy.exc import SQLAlchemyError
 
+from broker.dicom.tags import (
+    ACCESSION_NUMBER,
+    CODE_MEANING,
+    CODE_SEQUENCE,
+    CODE_VALUE,
+    CODING_SCHEME,
+    FILLER_ORDER,
+    ISSUER_OF_PATIENT_ID,
+    MODALITY,
+    PATIENT_BIRTH_DATE,
+    PATIENT_ID,
+    PATIENT_NAME,
+    PATIENT_SEX,
+    PERFORMING_PHYSICIAN,
+    PLACER_ORDER,
+    PRIORITY,
+    REFERRING_PHYSICIAN,
+    REQUESTED_PROCEDURE_DESCRIPTION,
+    REQUESTED_PROCEDURE_ID,
+    REQUESTING_PHYSICIAN,
+    SPECIFIC_CHARACTER_SET,
+    SPS_DESCRIPTION,
+    SPS_ID,
+    SPS_SEQUENCE,
+    SPS_START_DATE,
+    SPS_START_TIME,
+    SPS_STATUS,
+    STATION_AE_TITLE,
+    STATION_NAME,
+    STUDY_INSTANCE_UID,
+)
 from broker.domain import (
     ItemStatus,
     Order,
@@ -71,42 +101,6 @@ _IO_THREADS = 4
 BATCH_SIZE = 500
 
 
-def _tag(keyword: str) -> int:
-    tag = tag_for_keyword(keyword)
-    if tag is None:  # pragma: no cover - a typo in this module
-        raise KeyError(keyword)
-    return tag
-
-
-SPECIFIC_CHARACTER_SET = _tag("SpecificCharacterSet")
-SPS_SEQUENCE = _tag("ScheduledProcedureStepSequence")
-CODE_SEQUENCE = _tag("RequestedProcedureCodeSequence")
-PATIENT_NAME = _tag("PatientName")
-PATIENT_ID = _tag("PatientID")
-ISSUER_OF_PATIENT_ID = _tag("IssuerOfPatientID")
-PATIENT_BIRTH_DATE = _tag("PatientBirthDate")
-PATIENT_SEX = _tag("PatientSex")
-ACCESSION_NUMBER = _tag("AccessionNumber")
-REFERRING_PHYSICIAN = _tag("ReferringPhysicianName")
-REQUESTING_PHYSICIAN = _tag("RequestingPhysician")
-STUDY_INSTANCE_UID = _tag("StudyInstanceUID")
-REQUESTED_PROCEDURE_ID = _tag("RequestedProcedureID")
-REQUESTED_PROCEDURE_DESCRIPTION = _tag("RequestedProcedureDescription")
-PLACER_ORDER = _tag("PlacerOrderNumberImagingServiceRequest")
-FILLER_ORDER = _tag("FillerOrderNumberImagingServiceRequest")
-CODE_VALUE = _tag("CodeValue")
-CODING_SCHEME = _tag("CodingSchemeDesignator")
-CODE_MEANING = _tag("CodeMeaning")
-MODALITY = _tag("Modality")
-STATION_AE_TITLE = _tag("ScheduledStationAETitle")
-SPS_START_DATE = _tag("ScheduledProcedureStepStartDate")
-SPS_START_TIME = _tag("ScheduledProcedureStepStartTime")
-SPS_ID = _tag("ScheduledProcedureStepID")
-SPS_DESCRIPTION = _tag("ScheduledProcedureStepDescription")
-SPS_STATUS = _tag("ScheduledProcedureStepStatus")
-PERFORMING_PHYSICIAN = _tag("ScheduledPerformingPhysicianName")
-STATION_NAME = _tag("ScheduledStationName")
-PRIORITY = _tag("RequestedProcedurePriority")
 
 # Scheduled Procedure Step Status (0040,0020) defined terms (PS3.3 C.4.10). The broker's
 # IN PROGRESS is the modality's STARTED; DICOM spells CANCELED with one L.

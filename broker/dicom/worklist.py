@@ -17,12 +17,45 @@ from typing import Any
 
 from pydicom import Dataset, config
 from pydicom.charset import convert_encodings
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
 from broker.dicom.charsets import Unencodable, codec_for, recode
+from broker.dicom.tags import (
+    ACCESSION_NUMBER,
+    CODE_MEANING,
+    CODE_SEQUENCE,
+    CODE_VALUE,
+    CODING_SCHEME,
+    CONTRAST_AGENT,
+    FILLER_ORDER,
+    ISSUER_OF_PATIENT_ID,
+    MODALITY,
+    PATIENT_BIRTH_DATE,
+    PATIENT_ID,
+    PATIENT_NAME,
+    PATIENT_SEX,
+    PERFORMING_PHYSICIAN,
+    PLACER_ORDER,
+    PRE_MEDICATION,
+    PRIORITY,
+    REFERRING_PHYSICIAN,
+    REQUESTED_PROCEDURE_DESCRIPTION,
+    REQUESTED_PROCEDURE_ID,
+    REQUESTING_PHYSICIAN,
+    SPECIFIC_CHARACTER_SET,
+    SPS_DESCRIPTION,
+    SPS_ID,
+    SPS_LOCATION,
+    SPS_SEQUENCE,
+    SPS_START_DATE,
+    SPS_START_TIME,
+    SPS_STATUS,
+    STATION_AE_TITLE,
+    STATION_NAME,
+    STUDY_INSTANCE_UID,
+)
 from broker.dicom.wl_files import SPS_STATUS_TERMS, ItemView, item_view, text_bytes
 from broker.domain import ItemStatus, WorklistRow
 from broker.matching import WorklistQuery, wildcard_regex
@@ -39,45 +72,6 @@ _LONG_TEXT_VRS = frozenset({"UC", "UR", "UT"})
 RESPONSE_CHARACTER_SET = "ISO_IR 192"
 
 
-def _tag(keyword: str) -> int:
-    tag = tag_for_keyword(keyword)
-    if tag is None:  # pragma: no cover - a typo in this module
-        raise KeyError(keyword)
-    return tag
-
-
-SPECIFIC_CHARACTER_SET = _tag("SpecificCharacterSet")
-SPS_SEQUENCE = _tag("ScheduledProcedureStepSequence")
-CODE_SEQUENCE = _tag("RequestedProcedureCodeSequence")
-PATIENT_NAME = _tag("PatientName")
-PATIENT_ID = _tag("PatientID")
-ISSUER_OF_PATIENT_ID = _tag("IssuerOfPatientID")
-PATIENT_BIRTH_DATE = _tag("PatientBirthDate")
-PATIENT_SEX = _tag("PatientSex")
-ACCESSION_NUMBER = _tag("AccessionNumber")
-REFERRING_PHYSICIAN = _tag("ReferringPhysicianName")
-REQUESTING_PHYSICIAN = _tag("RequestingPhysician")
-STUDY_INSTANCE_UID = _tag("StudyInstanceUID")
-REQUESTED_PROCEDURE_ID = _tag("RequestedProcedureID")
-REQUESTED_PROCEDURE_DESCRIPTION = _tag("RequestedProcedureDescription")
-PLACER_ORDER = _tag("PlacerOrderNumberImagingServiceRequest")
-FILLER_ORDER = _tag("FillerOrderNumberImagingServiceRequest")
-CODE_VALUE = _tag("CodeValue")
-CODING_SCHEME = _tag("CodingSchemeDesignator")
-CODE_MEANING = _tag("CodeMeaning")
-MODALITY = _tag("Modality")
-STATION_AE_TITLE = _tag("ScheduledStationAETitle")
-SPS_START_DATE = _tag("ScheduledProcedureStepStartDate")
-SPS_START_TIME = _tag("ScheduledProcedureStepStartTime")
-SPS_ID = _tag("ScheduledProcedureStepID")
-SPS_DESCRIPTION = _tag("ScheduledProcedureStepDescription")
-SPS_STATUS = _tag("ScheduledProcedureStepStatus")
-PERFORMING_PHYSICIAN = _tag("ScheduledPerformingPhysicianName")
-STATION_NAME = _tag("ScheduledStationName")
-PRIORITY = _tag("RequestedProcedurePriority")
-SPS_LOCATION = _tag("ScheduledProcedureStepLocation")
-PRE_MEDICATION = _tag("PreMedication")
-CONTRAST_AGENT = _tag("RequestedContrastAgent")
 
 # The keys that become filters, at the top level and in the single item of a sequence key:
 # every attribute the broker stores (docs/worklist-matching.md).
