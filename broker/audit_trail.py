@@ -20,6 +20,7 @@ from pathlib import Path
 
 from broker import audit
 from broker.audit import AuditEvent
+from broker.periodic_flush import PeriodicFlush
 from broker.store import Store
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class SyslogSender:
             sock.close()
 
 
-class AuditTrail:
+class AuditTrail(PeriodicFlush):
     """Buffers audit events and writes them in batches between :meth:`start` and
     :meth:`stop` (or at each :meth:`flush` when no thread runs)."""
 
@@ -109,13 +110,11 @@ class AuditTrail:
         self._store = store
         self._file = file
         self._syslog = syslog
-        self._flush_seconds = flush_seconds
+        super().__init__(flush_seconds=flush_seconds, thread_name="audit-trail")
         self._lock = threading.Lock()
         self._lines: list[AuditEvent] = []  # for the file and the collector
         self._rows: list[AuditEvent] = []  # for the database
         self._flush_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
         self.dropped = 0
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
@@ -135,29 +134,11 @@ class AuditTrail:
 
     # --- the writer -------------------------------------------------------------------
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="audit-trail", daemon=True)
-        self._thread.start()
-
     def stop(self) -> None:
         """Stop the thread and write what is still buffered."""
-        thread, self._thread = self._thread, None
-        self._stopping.set()
-        if thread is not None:
-            thread.join(30)
-        self.flush()
+        super().stop()
         if self._syslog is not None:
             self._syslog.close()
-
-    def _run(self) -> None:
-        while not self._stopping.wait(self._flush_seconds):
-            try:
-                self.flush()
-            except Exception:  # never let the thread die: the next flush tries again
-                log.exception("audit: flush failed")
 
     def flush(self) -> int:
         """Write what is buffered now; returns how many events reached the database."""

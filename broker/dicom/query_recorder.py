@@ -25,6 +25,7 @@ from pydicom import Dataset
 from broker import cfind_log
 from broker.cfind_log import AskedQuery, Exposure
 from broker.models import utcnow
+from broker.periodic_flush import PeriodicFlush
 from broker.store import Store
 
 log = logging.getLogger(__name__)
@@ -33,21 +34,19 @@ log = logging.getLogger(__name__)
 MAX_PENDING_EXPOSURES = 200_000
 
 
-class QueryRecorder:
+class QueryRecorder(PeriodicFlush):
     """The C-FIND record of one DicomServer: buffered by :meth:`record`, written in batches
     by a thread between :meth:`start` and :meth:`stop`."""
 
     def __init__(self, store: Store, *, flush_seconds: float = 5.0,
                  queries_per_ae: int = cfind_log.DEFAULT_QUERIES_PER_AE) -> None:
+        super().__init__(flush_seconds=flush_seconds, thread_name="cfind-recorder")
         self._store = store
-        self._flush_seconds = flush_seconds
         self._queries_per_ae = queries_per_ae
         self._lock = threading.Lock()
         self._exposures: dict[tuple[str, str], list[Any]] = {}
         self._queries: dict[str, deque[tuple[Dataset, dt.datetime, int]]] = {}
         self._flush_lock = threading.Lock()  # one flush at a time: the thread, or stop()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # --- the C-FIND path --------------------------------------------------------------
 
@@ -69,28 +68,6 @@ class QueryRecorder:
             asked.append((identifier, now, len(accessions)))
 
     # --- the flusher ------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="cfind-recorder", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread and write what is still buffered."""
-        thread, self._thread = self._thread, None
-        self._stopping.set()
-        if thread is not None:
-            thread.join(30)
-        self.flush()
-
-    def _run(self) -> None:
-        while not self._stopping.wait(self._flush_seconds):
-            try:
-                self.flush()
-            except Exception:  # never let the thread die: the next flush tries again
-                log.exception("C-FIND record: flush failed")
 
     def flush(self) -> int:
         """Write the buffered record now; returns how many rows were written."""
