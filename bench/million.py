@@ -8,12 +8,9 @@ interleaved, one association per query, pynetdicom as the modality:
 - typical poll: one CT room's station AE and modality, today, ~25 return keys (30 matches).
 
 Ingest (ORM^O01 orders over MLLP, ACK after commit, bench/ingest.py's approach) on both.
-Then, against the million-item broker only:
-- 40 modalities polling their own station at once (refused associations, failure statuses);
-- the purge of the oldest year of history (``worklist-broker purge``, its own process, as a
-  cron job or an administrator runs it) while 2 modalities poll without pause: every
-  C-FIND's latency during the purge, next to the same polling alone and next to a process
-  that only burns a CPU.
+Then, against the million-item broker only, 40 modalities polling their own station at once
+(refused associations, failure statuses). The purge of a year under load is
+bench/purge_load.py.
 
     python bench/million.py [--backends sqlite,postgresql] [--big 1000000] [--queries 30]
 
@@ -42,7 +39,7 @@ from pydicom.dataset import Dataset  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from bench import ingest  # noqa: E402
-from bench.generate_items import MODALITY_MIX, accession, days_for, generate, station  # noqa: E402
+from bench.generate_items import MODALITY_MIX, accession, generate, station  # noqa: E402
 from bench.worklist import cpu_seconds, query, typical_poll  # noqa: E402
 from broker.store import Store  # noqa: E402
 from tests.e2e.broker_process import BrokerProcess, start_broker  # noqa: E402
@@ -190,69 +187,10 @@ def burst(port: int, seconds: float, modalities: int = 40
             _ms(latencies, 50), _ms(latencies, 95))
 
 
-_BUSY = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
-
-
-def _window(latencies: list[tuple[float, float, int | None]], start: float, end: float
-            ) -> str:
-    values = [ms for at, ms, _ in latencies if start <= at < end]
-    over = sum(1 for ms in values if ms > 100)
-    return (f"{len(values)} queries, p50 {_ms(values, 50):.0f} ms, p99 {_ms(values, 99):.0f} ms, "
-            f"max {_ms(values, 100):.0f} ms, {over} above 100 ms")
-
-
-def purge_under_load(broker: BrokerProcess, pollers: int = 2, window_seconds: float = 10
-                     ) -> list[str]:
-    """``worklist-broker purge`` (the oldest year) while ``pollers`` modalities poll; for
-    comparison, the same polling alone and next to a process that only burns a CPU (what
-    any other process takes from the broker on a loaded machine)."""
-    rooms = _stations()
-    stop = threading.Event()
-    latencies: list[tuple[float, float, int | None]] = []  # (start, ms, failure)
-    lock = threading.Lock()
-
-    def modality(n: int) -> None:
-        ae_title, kind = rooms[n % len(rooms)]
-        for _ in range(1_000_000):
-            if stop.is_set():
-                return
-            at = time.perf_counter()
-            took, _, failure = query(broker.dicom_port, station_poll(ae_title, kind))
-            with lock:
-                latencies.append((at, took * 1000, failure))
-
-    threads = [threading.Thread(target=modality, args=(n,)) for n in range(pollers)]
-    for t in threads:
-        t.start()
-    alone = time.perf_counter()
-    time.sleep(window_seconds)
-    busy = time.perf_counter()
-    subprocess.run([sys.executable, "-c", _BUSY.format(seconds=window_seconds)], timeout=600)
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "broker.cli", "purge", "--config",
-                           str(broker.config_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=3600)
-    ended = time.perf_counter()
-    stop.set()
-    for t in threads:
-        t.join()
-    failures = sum(1 for _, _, f in latencies if f is not None)
-    output = (done.stdout.strip() or done.stderr.strip() or f"exit {done.returncode}")
-    return [f"purge of the oldest year took {ended - started:.0f} s: {output.splitlines()[-1]}",
-            f"  {pollers} modalities polling, alone:          {_window(latencies, alone, busy)}",
-            f"  next to a CPU-burning process: {_window(latencies, busy, started)}",
-            f"  during the purge:              {_window(latencies, started, ended)}",
-            f"  failure statuses or refusals: {failures}"]
-
-
 def run_backend(backend: str, small_size: int, big_size: int, args: argparse.Namespace
                 ) -> list[str]:
     out = [f"## {backend}: {small_size} vs {big_size} items"]
-    oldest = days_for(big_size, SITES * PER_DAY, TODAY, FUTURE_DAYS)[0][0]
-    # Keep all but the oldest year of the big database's history.
-    retention = max((TODAY - oldest).days - 365, 8)
-    jobs = {"jobs": {"outbound_interval_seconds": 0.2, "mapping_check_seconds": 0.5,
-                     "retention_days": retention}}
+    jobs = {"jobs": {"outbound_interval_seconds": 0.2, "mapping_check_seconds": 0.5}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         with database(backend, tmp, "small") as small_url, \
@@ -282,9 +220,6 @@ def run_backend(backend: str, small_size: int, big_size: int, args: argparse.Nam
                 out.append(f"40 modalities polling for {args.burst_seconds:.0f} s at {big_size}: "
                            f"{ok} answered, {refused} refused, {failed} failure statuses, "
                            f"{rate:.0f} queries/s, p50 {p50:.0f} ms, p95 {p95:.0f} ms")
-                out.append(f"load before the purge: {_uptime()}")
-                out += purge_under_load(big)
-                out.append(f"load after the purge: {_uptime()}")
             finally:
                 small.stop()
                 big.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import logging
 import signal
 import sys
@@ -91,6 +92,11 @@ def _serve(args: argparse.Namespace) -> int:
             if not samples.is_dir():
                 raise CommandError(f"no sample messages folder at {samples}")
             broker.load_samples(samples)
+        # Everything made so far lives as long as the process: out of the garbage collector's
+        # sight, so that its full collections, which stop every thread, walk only what came
+        # since (measured: 107-126 ms stops, and C-FINDs above 100 ms, without this).
+        gc.collect()
+        gc.freeze()
         # Signals only interrupt the main thread: wait here, in bounded slices.
         while not stop.wait(1.0):
             pass
@@ -110,11 +116,7 @@ def _purge(args: argparse.Namespace) -> int:
               "nothing deleted", file=sys.stderr)
         return EXIT_FAILURE
     verb = "would delete" if args.dry_run else "deleted"
-    print(f"{verb}: {result.worklist_items} worklist items, {result.mpps} MPPS records, "
-          f"{result.patients} patients, {result.outbox} sent status messages, "
-          f"{result.inbound_messages} logged HL7 messages, "
-          f"{result.mpps_forwards} forwarded MPPS copies, {result.studies} recorded studies, "
-          f"{result.audit_events} audit events")
+    print(f"{verb}: {result.summary()}")
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,6 +69,13 @@ class PurgeResult:
     audit_events: int = 0  # audit trail events (broker.audit), by their own retention
     skipped: bool = False  # another process holds the purge lock
 
+    def summary(self) -> str:
+        """What went, in one line (the purge command's output, the purge job's log)."""
+        return (f"{self.worklist_items} worklist items, {self.mpps} MPPS records, "
+                f"{self.patients} patients, {self.outbox} sent status messages, "
+                f"{self.inbound_messages} logged HL7 messages, {self.mpps_forwards} forwarded "
+                f"MPPS copies, {self.studies} recorded studies, {self.audit_events} audit events")
+
 
 _FINISHED = (ItemStatus.COMPLETED, ItemStatus.DISCONTINUED)
 _UNPERFORMED = (ItemStatus.SCHEDULED, ItemStatus.IN_PROGRESS)
@@ -92,9 +100,15 @@ def _unlinked_mpps(retention: Retention, now: dt.datetime) -> ColumnElement[bool
 
 
 def _mpps_only_of(ids: list[int] | Select[tuple[int]]) -> ColumnElement[bool]:
-    """MPPS records linked to these items and to no other item."""
-    return (MPPSTracking.items.any(WorklistItem.id.in_(ids))
-            & ~MPPSTracking.items.any(~WorklistItem.id.in_(ids)))
+    """MPPS records linked to these items and to no other item.
+
+    Driven from the link table's item index: a test on every MPPS record (``items.any``)
+    read the whole MPPS table once per batch, and a site keeps about one record per item.
+    """
+    linked = select(MPPSItemLink.mpps_fk).where(MPPSItemLink.item_fk.in_(ids))
+    elsewhere = exists().where(MPPSItemLink.mpps_fk == MPPSTracking.id,
+                               MPPSItemLink.item_fk.not_in(ids))
+    return MPPSTracking.id.in_(linked) & ~elsewhere
 
 
 def _orphan_studies(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
@@ -133,13 +147,21 @@ def _old_inbound(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
 
 
 def _batched_delete(store: Store, ids: Select[tuple[int]], delete_batch: DeleteBatch) -> int:
-    """Select up to BATCH_SIZE ids, delete them in their own short transaction, repeat."""
-    total = 0
+    """Select up to BATCH_SIZE ids, delete them in their own short transaction, repeat.
+
+    Each batch starts after the last id of the one before. Selecting from the start every
+    time re-read every row deleted so far, which PostgreSQL keeps until VACUUM: the purge of
+    a year at 1,000,000 items went quadratic (45 s, most of it selecting ids).
+    """
+    key = ids.selected_columns[0]
+    total, last = 0, None
     for _ in range(_MAX_BATCHES):
+        page = ids if last is None else ids.where(key > last)
         with store.reading() as session:
-            batch = list(session.scalars(ids.limit(BATCH_SIZE)))
+            batch = list(session.scalars(page.order_by(key).limit(BATCH_SIZE)))
         if not batch:
             break
+        last = batch[-1]
         with store.writing() as session:
             total += delete_batch(session, batch)
     return total
@@ -158,7 +180,14 @@ def purge(store: Store, *, retention: Retention, now: dt.datetime | None = None,
         if not mine:
             log.info("purge skipped: another broker (or purge command) is purging")
             return PurgeResult(skipped=True)
+        started = time.monotonic()
         result = _purge(store, retention, now, items)
+    # When the night's purge ran and how long it held the database: a year's backlog takes
+    # minutes.
+    log.info("purge done items=%d mpps=%d patients=%d outbox=%d inbound=%d mpps_forwards=%d "
+             "studies=%d audit_events=%d seconds=%.1f", result.worklist_items, result.mpps,
+             result.patients, result.outbox, result.inbound_messages, result.mpps_forwards,
+             result.studies, result.audit_events, time.monotonic() - started)
     metrics.PURGE_RUNS.inc()
     for kind in ("worklist_items", "mpps", "patients", "outbox", "inbound_messages",
                  "mpps_forwards", "audit_events"):
@@ -205,9 +234,6 @@ def _purge(store: Store, retention: Retention, now: dt.datetime,
     audit_events = _purge_audit(store, now - dt.timedelta(days=retention.audit_days))
     result = PurgeResult(item_count, mpps, patients, sent, inbound, forwards, studies,
                          audit_events=audit_events)
-    log.info("purge done items=%d mpps=%d patients=%d outbox=%d inbound=%d mpps_forwards=%d "
-             "studies=%d audit_events=%d", item_count, mpps, patients, sent, inbound, forwards,
-             studies, audit_events)
     return result
 
 

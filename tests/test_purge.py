@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 from sqlalchemy import func, select
 
@@ -106,3 +107,51 @@ def test_sent_mpps_forwards_age_with_the_outbox_and_unsent_ones_stay(store):
         assert s.scalars(select(MppsForward.operation)).all() == ["set"]
     assert purge(store, retention=Retention(outbox_days=5), now=NOW + dt.timedelta(days=90)
                  ).mpps_forwards == 0
+
+
+def test_an_mpps_goes_with_its_last_item_only(store):
+    """Group case: one MPPS performed two requested procedures; while one of them is kept, so
+    is the MPPS. One that performed two expired ones goes."""
+    _add(store, "OLD-A", "P1", 40)
+    _add(store, "NEW-A", "P1", 5)
+    _add(store, "OLD-B", "P2", 40)
+    _add(store, "OLD-C", "P2", 45)
+    with store.writing() as s:
+        record_mpps_create(s, MppsCreate("1.2.3.10", "IN PROGRESS", (
+            ScheduledStepRef(accession_number="OLD-A"),
+            ScheduledStepRef(accession_number="NEW-A"))))
+        record_mpps_create(s, MppsCreate("1.2.3.11", "IN PROGRESS", (
+            ScheduledStepRef(accession_number="OLD-B"),
+            ScheduledStepRef(accession_number="OLD-C"))))
+    assert purge(store, retention=Retention(), now=NOW, dry_run=True).mpps == 1
+    result = purge(store, retention=Retention(), now=NOW)
+    assert (result.worklist_items, result.mpps) == (3, 1)
+    with store.reading() as s:
+        assert list(s.scalars(select(MPPSTracking.sop_instance_uid))) == ["1.2.3.10"]
+
+
+def test_every_batch_starts_after_the_last_one(store, monkeypatch):
+    """Batches smaller than what expired, expired and kept items interleaved: every expired
+    item goes in one run and every kept one stays."""
+    import broker.purge
+
+    monkeypatch.setattr(broker.purge, "BATCH_SIZE", 2)
+    for n in range(9):
+        _add(store, f"ACC{n}", f"P{n}", 40 if n % 3 else 1)
+    result = purge(store, retention=Retention(), now=NOW)
+    assert (result.worklist_items, result.patients) == (6, 6)
+    with store.reading() as s:
+        assert sorted(s.scalars(select(WorklistItem.accession_number))) == [
+            "ACC0", "ACC3", "ACC6"]
+
+
+def test_the_purge_says_what_it_deleted_and_how_long_it_took(store, caplog):
+    import logging
+
+    _add(store, "OLD1", "P-OLD", 400)
+    with caplog.at_level(logging.INFO, logger="broker.purge"):
+        purge(store, retention=Retention(), now=NOW)
+    lines = [r.getMessage() for r in caplog.records if r.name == "broker.purge"]
+    assert len(lines) == 1
+    assert re.fullmatch(r"purge done items=1 mpps=0 patients=1 outbox=0 inbound=0 "
+                        r"mpps_forwards=0 studies=0 audit_events=0 seconds=\d+\.\d", lines[0])

@@ -241,11 +241,16 @@ def _dataset_from_dict(data: Json) -> Dataset:
     return ds
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=512)
 def _stored(text: str) -> tuple[Dataset, dict[int, Any]]:
     """A kept dataset, and what the columns would hold for it; parsed once per text (items
     are rendered on every poll). Never modified: :func:`item_dataset` copies what it
-    changes."""
+    changes.
+
+    A day's items at a large site, no more: each parsed dataset is some thirty objects that
+    every full garbage collection walks with all threads stopped (8,192 of them made ~100 ms
+    pauses), and the C-FIND answers, kept encoded (broker.dicom.worklist), spare most
+    renders anyway."""
     data = json.loads(text)
     ds = _dataset_from_dict(data)
     try:

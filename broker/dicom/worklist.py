@@ -12,14 +12,17 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from pydicom import Dataset, config
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
-from pydicom.valuerep import PersonName
+from pydicom.tag import BaseTag
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, PersonName
 
 from broker.dicom.charsets import Unencodable, codec_for, recode
 from broker.dicom.tags import (
@@ -57,7 +60,7 @@ from broker.dicom.tags import (
     STUDY_INSTANCE_UID,
 )
 from broker.dicom.wl_files import SPS_STATUS_TERMS, ItemView, item_view, text_bytes
-from broker.domain import ItemStatus, WorklistRow
+from broker.domain import ItemStatus, PatientData, ProcedureData, WorklistRow
 from broker.matching import WorklistQuery, wildcard_regex
 
 __all__ = ["MATCHED_TAGS", "SPS_STATUS_TERMS", "answer_encoder", "query_from_identifier",
@@ -309,8 +312,57 @@ def response_renderer(identifier: Dataset) -> Callable[[WorklistRow], Dataset]:
 # Encoded answers kept, by query shape, item and character set. An item that changes is a
 # different row, so a different key: the old answer is never served, it ages out.
 _ANSWER_CACHE_SIZE = 20_000
-_answers: OrderedDict[tuple[Any, ...], Dataset] = OrderedDict()
+# An answer as kept: each top-level element's tag, VR and value bytes, already in the
+# association's transfer syntax and character set. Only atomic values, in keys too: the
+# garbage collector stops walking such tuples after one pass. Kept as Datasets, 20,000
+# answers were about a million objects for every full collection to walk, and each walk
+# stops every thread (C-FINDs in flight too) for over 100 ms.
+_Stored = tuple[tuple[int, str, bytes], ...]
+_answers: OrderedDict[tuple[Any, ...], _Stored] = OrderedDict()
 _answers_lock = threading.Lock()
+# Each query shape's number, so that the keys above hold only atomic values too.
+_shapes: dict[tuple[_Key, ...], int] = {}
+_SHAPES_MAX = 10_000
+_PATIENT_FIELDS = tuple(f.name for f in fields(PatientData))
+_PROCEDURE_FIELDS = tuple(f.name for f in fields(ProcedureData))
+
+
+def _row_key(row: WorklistRow) -> tuple[Any, ...]:
+    """The row's values, flat (str, dates, None): equal for equal rows."""
+    patient, procedure = row.patient, row.procedure
+    return (tuple([getattr(patient, name) for name in _PATIENT_FIELDS]),
+            tuple([getattr(procedure, name) for name in _PROCEDURE_FIELDS]), row.status.value)
+
+
+def _store_form(response: Dataset, codec: str, encodings: list[str],
+                syntax: tuple[bool, bool]) -> _Stored:
+    implicit, little = syntax
+    stored = []
+    frozen = _frozen(response, codec, encodings, syntax)
+    for tag in sorted(frozen.keys()):
+        element = frozen.get_item(tag)
+        if element.is_raw:
+            value = element.value
+        else:  # numbers, binary values, sequences: pydicom encodes them, once
+            out = DicomBytesIO()
+            out.is_implicit_VR, out.is_little_endian = implicit, little
+            write_data_element(out, element, encodings)
+            long_header = not implicit and element.VR in EXPLICIT_VR_LENGTH_32
+            value = out.getvalue()[12 if long_header else 8:]
+        stored.append((int(tag), str(element.VR), bytes(value)))
+    return tuple(stored)
+
+
+def _served_form(stored: _Stored, encodings: list[str], syntax: tuple[bool, bool]) -> Dataset:
+    """A Dataset of raw elements, which pydicom writes as they are (a sequence included)."""
+    implicit, little = syntax
+    elements = {}
+    for number, vr, value in stored:
+        tag = BaseTag(number)
+        elements[tag] = RawDataElement(tag, vr, len(value), value, 0, implicit, little)
+    answer = Dataset(elements, parent_encoding=encodings)
+    answer.set_original_encoding(implicit, little, encodings)
+    return answer
 
 
 def _frozen(response: Dataset, codec: str, encodings: list[str],
@@ -339,9 +391,9 @@ def answer_encoder(identifier: Dataset, *, character_set: str | None = None,
                    unencodable: Unencodable = "transliterate", implicit_vr: bool = True,
                    little_endian: bool = True) -> Callable[[WorklistRow], Dataset]:
     """:func:`response_renderer` for the wire: each item's answer to this query shape is
-    rendered and its text encoded once, then served to every query of the same shape (a
-    modality's poll repeats its query) until the item changes. The answers are shared: only
-    pynetdicom's encoder reads them, and it changes nothing.
+    rendered and encoded once, then served to every query of the same shape (a modality's
+    poll repeats its query) until the item changes, as a Dataset of raw elements that
+    pydicom writes as they are.
 
     ``character_set``: the calling modality's (``dicom.modalities.<AE>.character_set``), else
     ISO_IR 192. ``implicit_vr``, ``little_endian``: the association's transfer syntax.
@@ -353,22 +405,30 @@ def answer_encoder(identifier: Dataset, *, character_set: str | None = None,
     encodings = convert_encodings(character_set or RESPONSE_CHARACTER_SET)
     syntax = (implicit_vr, little_endian)
 
+    with _answers_lock:
+        shape = _shapes.get(keys)
+        if shape is None:
+            if len(_shapes) >= _SHAPES_MAX:  # a numbering is only good with its answers
+                _shapes.clear()
+                _answers.clear()
+            shape = _shapes[keys] = len(_shapes)
+
     def answer(row: WorklistRow) -> Dataset:
-        key = (keys, row, character_set, unencodable, syntax)
+        key = (shape, _row_key(row), character_set, unencodable, syntax)
         with _answers_lock:
             found = _answers.get(key)
             if found is not None:
                 _answers.move_to_end(key)
-                return found
-        response = render(row)
-        if character_set is not None:
-            recode(response, character_set, unencodable)
-        encoded = _frozen(response, codec, encodings, syntax)
-        with _answers_lock:
-            _answers[key] = encoded
-            if len(_answers) > _ANSWER_CACHE_SIZE:
-                _answers.popitem(last=False)
-        return encoded
+        if found is None:
+            response = render(row)
+            if character_set is not None:
+                recode(response, character_set, unencodable)
+            found = _store_form(response, codec, encodings, syntax)
+            with _answers_lock:
+                _answers[key] = found
+                if len(_answers) > _ANSWER_CACHE_SIZE:
+                    _answers.popitem(last=False)
+        return _served_form(found, encodings, syntax)
 
     return answer
 
