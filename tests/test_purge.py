@@ -130,12 +130,13 @@ def test_an_mpps_goes_with_its_last_item_only(store):
         assert list(s.scalars(select(MPPSTracking.sop_instance_uid))) == ["1.2.3.10"]
 
 
-def test_every_batch_starts_after_the_last_one(store, monkeypatch):
-    """Batches smaller than what expired, expired and kept items interleaved: every expired
-    item goes in one run and every kept one stays."""
+def test_rounds_and_batches_smaller_than_what_expired(store, monkeypatch):
+    """Expired and kept items interleaved: every expired item goes in one run and every kept
+    one stays."""
     import broker.purge
 
     monkeypatch.setattr(broker.purge, "BATCH_SIZE", 2)
+    monkeypatch.setattr(broker.purge, "ROUND_SIZE", 3)
     for n in range(9):
         _add(store, f"ACC{n}", f"P{n}", 40 if n % 3 else 1)
     result = purge(store, retention=Retention(), now=NOW)
@@ -155,3 +156,32 @@ def test_the_purge_says_what_it_deleted_and_how_long_it_took(store, caplog):
     assert len(lines) == 1
     assert re.fullmatch(r"purge done items=1 mpps=0 patients=1 outbox=0 inbound=0 "
                         r"mpps_forwards=0 studies=0 audit_events=0 seconds=\d+\.\d", lines[0])
+
+
+def test_an_item_rescheduled_after_its_ids_were_read_stays(store, monkeypatch):
+    """The ids are read a round ahead of their deletion: each batch is checked again in its
+    own transaction, so an item the RIS moved to next week meanwhile is not deleted."""
+    from contextlib import contextmanager
+
+    import broker.purge
+
+    _add(store, "OLD1", "P1", 40)
+    _add(store, "OLD2", "P2", 40)
+    writing, calls = store.writing, []
+
+    @contextmanager
+    def reschedule_first(*args, **kwargs):
+        if not calls:  # after the round's ids were read, before its first batch
+            calls.append(1)
+            with writing() as other:
+                item = other.scalars(select(WorklistItem).where(
+                    WorklistItem.accession_number == "OLD2")).one()
+                item.scheduled_start = NOW + dt.timedelta(days=7)
+        with writing(*args, **kwargs) as session:
+            yield session
+
+    monkeypatch.setattr(broker.purge, "BATCH_SIZE", 1)
+    monkeypatch.setattr(store, "writing", reschedule_first)
+    assert purge(store, retention=Retention(), now=NOW).worklist_items == 1
+    with store.reading() as s:
+        assert list(s.scalars(select(WorklistItem.accession_number))) == ["OLD2"]
