@@ -44,11 +44,8 @@ from pynetdicom.dsutils import decode, encode  # noqa: E402
 from pynetdicom.events import Event  # noqa: E402
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # noqa: E402
 
-from bench.worklist import cpu_seconds, fill, query, start_wlmscpfs, week_range  # noqa: E402
+from bench.worklist import cpu_seconds, query, side_by_side, week_range  # noqa: E402
 from broker.dicom.scp import _on_conn_open  # noqa: E402
-from broker.dicom.wl_files import export_worklist  # noqa: E402
-from broker.store import Store  # noqa: E402
-from tests.e2e.broker_process import start_broker  # noqa: E402
 from tests.support import free_port, wait_for  # noqa: E402
 
 _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -162,16 +159,7 @@ def main() -> None:
         serve(args.serve, args.port, args.answers)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        db = Path(tmp) / "worklist.db"
-        store = Store(f"sqlite:///{db}")
-        store.create_schema()
-        fill(store, args.items)
-        files = Path(tmp) / "wlfiles"
-        export_worklist(store, files / "WORKLISTS")
-        (files / "WORKLISTS" / "lockfile").touch()
-        store.dispose()
-        broker = start_broker(Path(tmp) / "broker", database_url=f"sqlite:///{db}")
-        wlm, wlm_port = start_wlmscpfs(files)
+        broker, wlm, wlm_port = side_by_side(Path(tmp), args.items)
         children = [wlm]
         try:
             answers = capture(broker.dicom_port)

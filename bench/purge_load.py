@@ -55,10 +55,17 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from bench.generate_items import days_for, generate  # noqa: E402
-from bench.million import FUTURE_DAYS, PER_DAY, SITES, TODAY, _stations, station_poll  # noqa: E402
+from bench.generate_items import days_for  # noqa: E402
+from bench.million import (  # noqa: E402
+    FUTURE_DAYS,
+    PER_DAY,
+    SITES,
+    TODAY,
+    _stations,
+    load,
+    station_poll,
+)
 from bench.worklist import query  # noqa: E402
-from broker.store import Store  # noqa: E402
 from hl7_listener.mllp import MllpClient  # noqa: E402
 from tests.e2e.broker_process import BrokerProcess, start_broker  # noqa: E402
 from tests.messages import orm  # noqa: E402
@@ -166,7 +173,7 @@ def databases(backend: str, tmp: Path, items: int) -> Iterator[Iterator[str]]:
     """One database of ``items`` items, generated once; yields fresh copies of it."""
     if backend == "sqlite":
         base = tmp / "base.db"
-        _generate(f"sqlite:///{base}", items)
+        load(f"sqlite:///{base}", items)
 
         def sqlite_copies() -> Iterator[str]:
             for n in range(100):
@@ -183,7 +190,7 @@ def databases(backend: str, tmp: Path, items: int) -> Iterator[Iterator[str]]:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{prefix}_base"'))
         base_url = server.set(database=f"{prefix}_base")
-        _generate(base_url.render_as_string(hide_password=False), items)
+        load(base_url.render_as_string(hide_password=False), items)
         # What a database years old has: statistics and a visibility map.
         base = create_engine(base_url, isolation_level="AUTOCOMMIT")
         with base.connect() as conn:
@@ -203,17 +210,6 @@ def databases(backend: str, tmp: Path, items: int) -> Iterator[Iterator[str]]:
             for name in made:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-
-
-def _generate(url: str, items: int) -> None:
-    store = Store(url)
-    store.create_schema()
-    try:
-        result = generate(store, items, sites=SITES, per_day=PER_DAY, future_days=FUTURE_DAYS,
-                          today=TODAY)
-    finally:
-        store.dispose()
-    print(f"  {result.items} items loaded in {result.seconds:.0f} s", flush=True)
 
 
 # --- one run -------------------------------------------------------------------------------

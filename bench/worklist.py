@@ -36,7 +36,7 @@ from sqlalchemy import insert, text  # noqa: E402
 from broker.dicom.wl_files import export_worklist  # noqa: E402
 from broker.models import Patient, WorklistItem  # noqa: E402
 from broker.store import Store  # noqa: E402
-from tests.e2e.broker_process import start_broker  # noqa: E402
+from tests.e2e.broker_process import BrokerProcess, start_broker  # noqa: E402
 from tests.support import dcmtk, free_port, wait_for  # noqa: E402
 
 MODALITIES = ("CT", "MR", "US", "CR", "DX", "MG")
@@ -194,6 +194,26 @@ def start_wlmscpfs(files: Path) -> tuple[subprocess.Popen[bytes], int]:
     return process, port
 
 
+def side_by_side(tmp: Path, size: int) -> tuple[BrokerProcess, subprocess.Popen[bytes], int]:
+    """``size`` items in a broker on SQLite and, exported as .wl files, in wlmscpfs; both
+    started (the broker's port is on it, wlmscpfs's returned)."""
+    db = tmp / "worklist.db"
+    store = Store(f"sqlite:///{db}")
+    store.create_schema()
+    fill(store, size)
+    files = tmp / "wlfiles"
+    export_worklist(store, files / "WORKLISTS")
+    (files / "WORKLISTS" / "lockfile").touch()
+    store.dispose()
+    broker = start_broker(tmp / "broker", database_url=f"sqlite:///{db}")
+    try:
+        wlm, wlm_port = start_wlmscpfs(files)
+    except BaseException:
+        broker.stop()
+        raise
+    return broker, wlm, wlm_port
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="1000,10000")
@@ -210,16 +230,7 @@ def main() -> None:
     burst_row = None
     for size in (int(s) for s in args.sizes.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
-            db = Path(tmp) / "worklist.db"
-            store = Store(f"sqlite:///{db}")
-            store.create_schema()
-            fill(store, size)
-            files = Path(tmp) / "wlfiles"
-            export_worklist(store, files / "WORKLISTS")
-            (files / "WORKLISTS" / "lockfile").touch()
-            store.dispose()
-            broker = start_broker(Path(tmp) / "broker", database_url=f"sqlite:///{db}")
-            wlm, wlm_port = start_wlmscpfs(files)
+            broker, wlm, wlm_port = side_by_side(Path(tmp), size)
             try:
                 for name, make in kinds:
                     b50, b95, bm, bcpu = measure(broker.dicom_port, make(size), args.queries,
