@@ -3,7 +3,9 @@
 For each size the database grows the way a site's does, by history: about 100 orders a day
 across modalities, going back size/100 days, so the typical poll (one modality, today) finds
 the same few dozen items at every size. The same items are exported as .wl files for
-wlmscpfs. Each query is one association, as a modality does it (pynetdicom as the modality).
+wlmscpfs. Each query is one association, as a modality does it (pynetdicom as the modality),
+and the two servers' queries are taken in turn (medians of 20 interleaved runs, as issue 12
+measured).
 
     python bench/worklist.py [--sizes 1000,10000,100000] [--queries 20] [--burst-seconds 30]
 
@@ -161,6 +163,31 @@ def measure(port: int, make: Callable[[], Dataset], count: int, pid: int | None 
     return q[9], q[18], matches, cpu
 
 
+def measure_interleaved(servers: list[tuple[int, int, int]], make: Callable[[], Dataset]
+                        ) -> list[tuple[float, float, int, float]]:
+    """:func:`measure` for several servers, (port, pid, queries) each, their queries taken in
+    turn, as the issue measured: whatever else the machine does weighs on all alike, and no
+    server's background work (a flush after a query) lands on its own next query."""
+    for port, _, _ in servers:
+        query(port, make())  # warm-up
+    times: list[list[float]] = [[] for _ in servers]
+    matches = [0] * len(servers)
+    cpu_before = [cpu_seconds(pid) for _, pid, _ in servers]
+    for turn in range(max(count for _, _, count in servers)):
+        for n, (port, _, count) in enumerate(servers):
+            if turn >= count:
+                continue
+            seconds, matches[n], failure = query(port, make())
+            if failure is not None:
+                raise SystemExit(f"query failed with {failure:#x} on port {port}")
+            times[n].append(seconds * 1000)
+    results = []
+    for n, (_, pid, count) in enumerate(servers):
+        q = statistics.quantiles(times[n], n=20, method="inclusive")
+        results.append((q[9], q[18], matches[n], (cpu_seconds(pid) - cpu_before[n]) * 1000 / count))
+    return results
+
+
 def burst(port: int, seconds: float, modalities: int = 40) -> tuple[int, int, int, float]:
     stop = time.monotonic() + seconds
     counts = {"ok": 0, "refused": 0, "failed": 0}
@@ -233,10 +260,9 @@ def main() -> None:
             broker, wlm, wlm_port = side_by_side(Path(tmp), size)
             try:
                 for name, make in kinds:
-                    b50, b95, bm, bcpu = measure(broker.dicom_port, make(size), args.queries,
-                                                 broker.process.pid)
-                    w50, w95, wm, wcpu = measure(wlm_port, make(size),
-                                                 max(args.queries // 2, 3), wlm.pid)
+                    (b50, b95, bm, bcpu), (w50, w95, wm, wcpu) = measure_interleaved(
+                        [(broker.dicom_port, broker.process.pid, args.queries),
+                         (wlm_port, wlm.pid, args.queries)], make(size))
                     table.append((size, name, bm, b50, b95, wm, w50, w95, bcpu, wcpu))
                     # As measured too: a long run that fails later keeps what it has.
                     print(f"  {size} {name}: broker p50 {b50:.1f} ms, wlmscpfs p50 "
