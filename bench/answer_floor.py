@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pydicom.dataset import Dataset  # noqa: E402
-from pynetdicom import AE, _config, evt  # noqa: E402
+from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.dsutils import decode, encode  # noqa: E402
 from pynetdicom.events import Event  # noqa: E402
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # noqa: E402
@@ -47,10 +47,6 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind  # noqa: E402
 from bench.worklist import cpu_seconds, query, side_by_side, week_range  # noqa: E402
 from broker.dicom.scp import _on_conn_open  # noqa: E402
 from tests.support import free_port, wait_for  # noqa: E402
-
-_config.LOG_RESPONSE_IDENTIFIERS = False
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_HANDLER_LEVEL = "none"
 
 FIND = ModalityWorklistInformationFind
 
