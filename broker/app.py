@@ -118,6 +118,8 @@ class Broker:
                         if config.orthanc.url else None)
         self.scheduler = BackgroundScheduler()
         self._purge_lock = threading.Lock()
+        # Set by stop(): a purge under way ends after its current batch.
+        self._stopping = threading.Event()
         self.web = self._web(config) if config.web.enabled else None
 
     def _web(self, config: BrokerConfig) -> WebServer:
@@ -210,7 +212,8 @@ class Broker:
 
     def run_purge(self) -> None:
         with self._purge_lock:
-            purge(self.store, retention=self.config.jobs.retention_with(self.config.audit))
+            purge(self.store, retention=self.config.jobs.retention_with(self.config.audit),
+                  stop=self._stopping)
 
     def start(self) -> None:
         if self.audit is not None:
@@ -266,6 +269,7 @@ class Broker:
                  " and ".join(self.web.urls) if self.web else "off")
 
     def stop(self) -> None:
+        self._stopping.set()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if self.web is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class PurgeResult:
     studies: int = 0  # study records (broker.studies) without an item, as unlinked MPPS
     audit_events: int = 0  # audit trail events (broker.audit), by their own retention
     skipped: bool = False  # another process holds the purge lock
+    stopped: bool = False  # asked to stop (the broker is stopping): the rest is left for later
 
     def summary(self) -> str:
         """What went, in one line (the purge command's output, the purge job's log)."""
@@ -178,23 +180,26 @@ def _old_inbound(retention: Retention, now: dt.datetime) -> ColumnElement[bool]:
     return InboundMessage.received_at < now - dt.timedelta(days=retention.inbound_log_days)
 
 
-def _batched_delete(store: Store, ids: Select[tuple[int]], delete_batch: DeleteBatch) -> int:
+def _batched_delete(store: Store, ids: Select[tuple[int]], delete_batch: DeleteBatch,
+                    stop: threading.Event) -> int:
     """Delete what ``ids`` selects, BATCH_SIZE rows per short write transaction.
 
     The ids are read ROUND_SIZE at a time, each round one read of the table: selecting each
     batch anew re-read, on every batch, the rows deleted so far (PostgreSQL keeps them until
     VACUUM), or every row of the statuses concerned (SQLite's plan), and the purge of a year
     at 1,000,000 items took 31-45 s. Each batch is checked again inside its transaction: an
-    item the RIS rescheduled meanwhile stays.
+    item the RIS rescheduled meanwhile stays. Stops between two batches once ``stop`` is set.
     """
     key = ids.selected_columns[0]
     total, took = 0, 0.0
     for _ in range(_MAX_ROUNDS):
+        if stop.is_set():
+            break
         with store.reading() as session:
             found = list(session.scalars(ids.limit(ROUND_SIZE)))
         for start in range(0, len(found), BATCH_SIZE):
-            if start:
-                _pause_after(took)
+            if start and _pause_after(took, stop):
+                return total
             began = time.monotonic()
             with store.writing() as session:
                 batch = list(session.scalars(
@@ -202,13 +207,12 @@ def _batched_delete(store: Store, ids: Select[tuple[int]], delete_batch: DeleteB
                 if batch:
                     total += delete_batch(session, batch)
             took = time.monotonic() - began
-        if len(found) < ROUND_SIZE:
+        if len(found) < ROUND_SIZE or _pause_after(took, stop):
             break
-        _pause_after(took)
     return total
 
 
-def _pause_after(took: float) -> None:
+def _pause_after(took: float, stop: threading.Event) -> bool:
     """Between two batches, leave the database and the CPU to the broker's work for as long
     as the batch took (50 ms at least, 1 s at most): the purge is background work.
 
@@ -216,15 +220,20 @@ def _pause_after(took: float) -> None:
     and tries again (within 25 ms in its first 100 ms), and a purge that started its next
     batch at once kept incoming orders waiting up to 9 s (bench/purge_load.py). On
     PostgreSQL the purge and new orders lock different rows, but a purge running flat out
-    took a core of two from the C-FINDs.
+    took a core of two from the C-FINDs. True when ``stop`` was set meanwhile.
     """
-    time.sleep(min(max(took, 0.05), 1.0))
+    return stop.wait(min(max(took, 0.05), 1.0))
 
 
 def purge(store: Store, *, retention: Retention, now: dt.datetime | None = None,
-          dry_run: bool = False) -> PurgeResult:
-    """Apply the retention rules once; with ``dry_run`` only count what would be deleted."""
+          dry_run: bool = False, stop: threading.Event | None = None) -> PurgeResult:
+    """Apply the retention rules once; with ``dry_run`` only count what would be deleted.
+
+    ``stop``: set it to end the purge between two batches (a year's backlog takes a minute;
+    a broker that is stopping does not wait for it). What is left goes on the next run.
+    """
     now = now or utcnow()
+    stop = stop or threading.Event()
     items = _expired_items(retention, now)
     if dry_run:
         return _count(store, items, _unlinked_mpps(retention, now), _sent_outbox(retention, now),
@@ -235,11 +244,12 @@ def purge(store: Store, *, retention: Retention, now: dt.datetime | None = None,
             log.info("purge skipped: another broker (or purge command) is purging")
             return PurgeResult(skipped=True)
         started = time.monotonic()
-        result = _purge(store, retention, now, items)
+        result = _purge(store, retention, now, items, stop)
     # When the night's purge ran and how long it held the database: a year's backlog takes
     # minutes.
-    log.info("purge done items=%d mpps=%d patients=%d outbox=%d inbound=%d mpps_forwards=%d "
-             "studies=%d audit_events=%d seconds=%.1f", result.worklist_items, result.mpps,
+    log.info("purge %s items=%d mpps=%d patients=%d outbox=%d inbound=%d mpps_forwards=%d "
+             "studies=%d audit_events=%d seconds=%.1f",
+             "stopped early" if result.stopped else "done", result.worklist_items, result.mpps,
              result.patients, result.outbox, result.inbound_messages, result.mpps_forwards,
              result.studies, result.audit_events, time.monotonic() - started)
     metrics.PURGE_RUNS.inc()
@@ -250,11 +260,12 @@ def purge(store: Store, *, retention: Retention, now: dt.datetime | None = None,
 
 
 def _purge(store: Store, retention: Retention, now: dt.datetime,
-           items: ColumnElement[bool]) -> PurgeResult:
+           items: ColumnElement[bool], stop: threading.Event) -> PurgeResult:
     mpps_of_items = 0
 
     def delete_items(session: Session, ids: list[int]) -> int:
         nonlocal mpps_of_items
+
         def among(column: ColumnElement[int]) -> ColumnElement[bool]:
             return _among(session, column, ids)
 
@@ -271,39 +282,41 @@ def _purge(store: Store, retention: Retention, now: dt.datetime,
         record_purged(session, gone, now)
         return session.execute(delete(WorklistItem).where(among(WorklistItem.id))).rowcount
 
-    item_count = _batched_delete(store, select(WorklistItem.id).where(items), delete_items)
+    item_count = _batched_delete(store, select(WorklistItem.id).where(items), delete_items, stop)
     unlinked = select(MPPSTracking.id).where(_unlinked_mpps(retention, now))
-    mpps = mpps_of_items + _batched_delete(store, unlinked, _delete_by_id(MPPSTracking))
+    mpps = mpps_of_items + _batched_delete(store, unlinked, _delete_by_id(MPPSTracking), stop)
     patients = _batched_delete(store, select(Patient.id).where(~Patient.items.any()),
-                               _delete_by_id(Patient))
+                               _delete_by_id(Patient), stop)
     sent = _batched_delete(store, select(OutboxMessage.id).where(_sent_outbox(retention, now)),
-                           _delete_by_id(OutboxMessage))
+                           _delete_by_id(OutboxMessage), stop)
     inbound = _batched_delete(store, select(InboundMessage.id).where(
-        _old_inbound(retention, now)), _delete_by_id(InboundMessage))
+        _old_inbound(retention, now)), _delete_by_id(InboundMessage), stop)
     forwards = _batched_delete(store, select(MppsForward.id).where(
-        _sent_forwards(retention, now)), _delete_by_id(MppsForward))
+        _sent_forwards(retention, now)), _delete_by_id(MppsForward), stop)
     # Exposure of items deleted otherwise (a console delete) or recorded just after their
     # purge: kept as long as the inbound log, then swept.
     _batched_delete(store, select(CFindExposure.id).where(_orphan_exposure(retention, now)),
-                    _delete_by_id(CFindExposure))
+                    _delete_by_id(CFindExposure), stop)
     studies = _batched_delete(store, select(StudyRecord.id).where(
-        _orphan_studies(retention, now)), _delete_by_id(StudyRecord))
-    audit_events = _purge_audit(store, now - dt.timedelta(days=retention.audit_days))
-    result = PurgeResult(item_count, mpps, patients, sent, inbound, forwards, studies,
-                         audit_events=audit_events)
-    return result
+        _orphan_studies(retention, now)), _delete_by_id(StudyRecord), stop)
+    audit_events = _purge_audit(store, now - dt.timedelta(days=retention.audit_days), stop)
+    return PurgeResult(item_count, mpps, patients, sent, inbound, forwards, studies,
+                       audit_events=audit_events, stopped=stop.is_set())
 
 
-def _purge_audit(store: Store, before: dt.datetime) -> int:
+def _purge_audit(store: Store, before: dt.datetime, stop: threading.Event) -> int:
     total = 0
     for _ in range(_MAX_BATCHES):
+        if stop.is_set():
+            break
         began = time.monotonic()
         with store.writing() as session:
             deleted = audit.delete_older(session, before, limit=BATCH_SIZE)
         total += deleted
         if deleted < BATCH_SIZE:
             break
-        _pause_after(time.monotonic() - began)
+        if _pause_after(time.monotonic() - began, stop):
+            break
     return total
 
 

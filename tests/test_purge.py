@@ -198,3 +198,65 @@ def test_each_purged_item_leaves_a_purge_action_for_its_timeline(store):
     assert [(a.at, a.user, a.action, a.accession_number, a.target, a.detail)
             for a in actions] == [(NOW, "system", "purge", "OLD-ACCESSION-16",
                                    "worklist item OLD-ACCESSION-16", "retention rules")]
+
+
+def test_a_purge_asked_to_stop_ends_after_its_batch_and_the_next_run_goes_on(store,
+                                                                              monkeypatch,
+                                                                              caplog):
+    """A broker that is stopping sets the event: the purge of a long backlog does not hold
+    it up, and what is left goes on the next run."""
+    import logging
+    import threading
+    from contextlib import contextmanager
+
+    import broker.purge
+
+    for n in range(3):
+        _add(store, f"OLD{n}", f"P{n}", 40)
+    stop = threading.Event()
+    writing = store.writing
+
+    @contextmanager
+    def stop_during_the_first_batch(*args, **kwargs):
+        with writing(*args, **kwargs) as session:
+            yield session
+        stop.set()
+
+    monkeypatch.setattr(broker.purge, "BATCH_SIZE", 1)
+    monkeypatch.setattr(store, "writing", stop_during_the_first_batch)
+    with caplog.at_level(logging.INFO, logger="broker.purge"):
+        first = purge(store, retention=Retention(), now=NOW, stop=stop)
+    assert (first.worklist_items, first.patients, first.stopped) == (1, 0, True)
+    assert any(r.getMessage().startswith("purge stopped early items=1 ")
+               for r in caplog.records)
+    monkeypatch.setattr(store, "writing", writing)
+    second = purge(store, retention=Retention(), now=NOW)
+    assert (second.worklist_items, second.patients, second.stopped) == (2, 3, False)
+    with store.reading() as s:
+        assert s.scalar(select(func.count(WorklistItem.id))) == 0
+
+
+def test_the_brokers_purge_job_stops_with_the_broker(tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    from broker.app import Broker
+    from broker.config import load_config
+    from broker.store import Store
+
+    path = tmp_path / "broker.yaml"
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    path.write_text(yaml.safe_dump({
+        "database": {"url": url}, "dicom": {"port": 0}, "hl7": {"port": 0},
+        "mapping": str(Path(__file__).resolve().parent.parent / "config" / "mapping.yaml")}))
+    broker = Broker(load_config(path, environ={}))
+    _add(broker.store, "OLD1", "P1", 400)
+    broker.stop()
+    broker.run_purge()  # the job, had the scheduler started it as the broker stopped
+    other = Store(url)
+    try:
+        with other.reading() as s:
+            assert list(s.scalars(select(WorklistItem.accession_number))) == ["OLD1"]
+    finally:
+        other.dispose()
