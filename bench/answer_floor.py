@@ -89,7 +89,7 @@ class Server:
 
     def __init__(self, answers: list[bytes], raw: bool, port: int) -> None:
         self.answers = answers
-        self.datasets = [decode(io.BytesIO(a), True, True) for a in answers]
+        self.datasets = [] if raw else [decode(io.BytesIO(a), True, True) for a in answers]
         self.raw = raw
         ae = AE(ae_title="WORKLISTS")
         ae.add_supported_context(FIND)

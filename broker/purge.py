@@ -128,20 +128,16 @@ def _among(session: Session, column: ColumnElement[int], ids: list[int]) -> Colu
     return column.in_(ids)
 
 
-def _mpps_only_of(ids: list[int] | Select[tuple[int]],
-                  among: Callable[[ColumnElement[int]], ColumnElement[bool]] | None = None
+def _mpps_only_of(among: Callable[[ColumnElement[int]], ColumnElement[bool]]
                   ) -> ColumnElement[bool]:
-    """MPPS records linked to these items and to no other item.
+    """MPPS records linked to the items ``among`` picks out, and to no other item.
 
     Driven from the link table's item index: a test on every MPPS record (``items.any``)
     read the whole MPPS table once per batch, and a site keeps about one record per item.
     """
-    def within(column: ColumnElement[int]) -> ColumnElement[bool]:
-        return among(column) if among is not None else column.in_(ids)
-
-    linked = select(MPPSItemLink.mpps_fk).where(within(MPPSItemLink.item_fk))
+    linked = select(MPPSItemLink.mpps_fk).where(among(MPPSItemLink.item_fk))
     elsewhere = exists().where(MPPSItemLink.mpps_fk == MPPSTracking.id,
-                               ~within(MPPSItemLink.item_fk))
+                               ~among(MPPSItemLink.item_fk))
     return MPPSTracking.id.in_(linked) & ~elsewhere
 
 
@@ -269,8 +265,7 @@ def _purge(store: Store, retention: Retention, now: dt.datetime,
         def among(column: ColumnElement[int]) -> ColumnElement[bool]:
             return _among(session, column, ids)
 
-        doomed = list(session.scalars(select(MPPSTracking.id).where(_mpps_only_of(ids,
-                                                                                  among))))
+        doomed = list(session.scalars(select(MPPSTracking.id).where(_mpps_only_of(among))))
         if doomed:
             mpps_of_items += session.execute(
                 delete(MPPSTracking).where(_among(session, MPPSTracking.id, doomed))).rowcount
@@ -328,7 +323,7 @@ def _count(store: Store, items: ColumnElement[bool], unlinked_mpps: ColumnElemen
     with store.reading() as session:
         item_count = session.scalar(select(func.count(WorklistItem.id)).where(items)) or 0
         mpps = session.scalar(select(func.count(MPPSTracking.id)).where(
-            _mpps_only_of(expired_ids) | unlinked_mpps)) or 0
+            _mpps_only_of(lambda column: column.in_(expired_ids)) | unlinked_mpps)) or 0
         patients = session.scalar(select(func.count(Patient.id)).where(
             ~Patient.items.any(~WorklistItem.id.in_(expired_ids)))) or 0
         outbox = session.scalar(select(func.count(OutboxMessage.id)).where(sent)) or 0
