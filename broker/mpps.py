@@ -27,7 +27,7 @@ from broker.domain import (
     StatusReporting,
 )
 from broker.errors import MppsError
-from broker.models import MppsForwardOperation, MPPSTracking, WorklistItem
+from broker.models import MppsForwardOperation, MPPSTracking, WorklistItem, utcnow
 from broker.status_events import report_mpps
 from broker.studies import completed_by_study
 
@@ -126,7 +126,12 @@ def record_mpps_create(session: Session, request: MppsCreate,
         raise MppsError(DUPLICATE_SOP_INSTANCE,
                         f"MPPS {request.sop_instance_uid} already exists")
     items = _linked_items(session, request.steps)
+    # One clock reading for both: the timeline shows an N-SET wherever the record was
+    # updated after its creation, and two defaults taken in turn differed by microseconds.
+    now = utcnow()
     record = MPPSTracking(
+        created_at=now,
+        updated_at=now,
         sop_instance_uid=request.sop_instance_uid,
         items=items,
         status=MppsStatus.IN_PROGRESS,

@@ -138,3 +138,22 @@ def test_exposure_of_an_item_deleted_otherwise_is_swept_with_the_inbound_log(sto
     with store.reading() as s:
         assert cfind_log.exposures_of(s, "GONE-OLD") == []
         assert len(cfind_log.exposures_of(s, "GONE-RECENT")) == 1
+
+
+def test_an_mpps_only_created_shows_no_n_set(store: Store):
+    # Created and updated times were taken one after the other, microseconds apart: every
+    # MPPS showed an "N-SET: IN PROGRESS" that no modality sent.
+    _order(store, "A2", T0)
+    with store.writing() as s:
+        record_mpps_create(s, MppsCreate("1.2.3.10", "IN PROGRESS",
+                                         (ScheduledStepRef(accession_number="A2"),),
+                                         calling_ae_title="CT1"))
+    with store.reading() as s:
+        created = [e.title for e in order_timeline(s, "A2") if e.kind == "mpps"]
+    assert created == ["MPPS N-CREATE: IN PROGRESS"]
+    with store.writing() as s:
+        record_mpps_set(s, MppsSet("1.2.3.10", None, attributes_json='{"00400254": '
+                                   '{"vr": "LO", "Value": ["CT HEAD"]}}'))
+    with store.reading() as s:
+        updated = [e.title for e in order_timeline(s, "A2") if e.kind == "mpps"]
+    assert updated == ["MPPS N-CREATE: IN PROGRESS", "MPPS N-SET: IN PROGRESS"]
