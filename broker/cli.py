@@ -307,11 +307,29 @@ def _studies(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _per_record_lines_off(config: BrokerConfig, *names: str) -> Iterator[None]:
+    """A bulk command's summary says what happened; the domain's line per record (one per
+    MPPS on import-db) buried it on the terminal. DEBUG keeps them."""
+    if config.logging.level == "DEBUG":
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _import_db(args: argparse.Namespace) -> int:
     from broker.legacy_import import LegacyImportError, import_legacy
 
     path = Path(args.path)
-    with _store(args) as (config, store):
+    with _store(args) as (config, store), _per_record_lines_off(config, "broker.mpps"):
         try:
             result = import_legacy(store, path, uid_root=config.uid_root,
                                    dry_run=args.dry_run)

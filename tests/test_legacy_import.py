@@ -95,6 +95,9 @@ def test_import_db_then_findscu_sees_the_old_worklist(tmp_path):
         out = done.stdout
         assert "imported from" in out and "3 patients, 4 worklist items, 2 MPPS" in out
         assert "note: 1 patients without any worklist item" in out
+        # One summary line for the log, not a line per imported MPPS.
+        assert "MPPS created" not in done.stderr and "MPPS set" not in done.stderr
+        assert "import-db" in done.stderr and "mpps=2" in done.stderr
         assert "warning: patients id 3 (PID-3): birth_date '30/07/1985' is neither" in out
         for expected in ("worklist_items id 5 (accession OLD-5): appointment_date "
                          "'29.11.2026' is neither YYYYMMDD nor YYYY-MM-DD",
