@@ -314,18 +314,31 @@ def messages(store: Store, *, failed_only: bool = False, limit: int = 100) -> di
 
 def _mark_resolved(session: Session, failed: list[dict[str, Any]]) -> None:
     """A refused message later accepted (replayed, or resent by the RIS) names the accepted
-    one: the administrator sees what is still to fix."""
+    one: the administrator sees what is still to fix.
+
+    The same control ID is not enough: some RIS reuse them (the listener warns of it), and a
+    lost order shown as resolved would never be looked at. The accepted message must be of
+    the same type and for the same accession number, unless the refused one had none (then
+    what was missing may be what the resend added)."""
     ids = {m["control_id"] for m in failed if m["control_id"]}
     if not ids:
         return
-    accepted = dict(((sender, control_id), message_id) for sender, control_id, message_id in
-                    session.execute(select(InboundMessage.sender, InboundMessage.control_id,
-                                           InboundMessage.id)
-                                    .where(InboundMessage.control_id.in_(ids),
-                                           InboundMessage.outcome == InboundOutcome.ACCEPTED)))
+    accepted: dict[tuple[str, str, str], list[tuple[int, str | None]]] = {}
+    for sender, control_id, message_type, accession, message_id in session.execute(
+            select(InboundMessage.sender, InboundMessage.control_id,
+                   InboundMessage.message_type, InboundMessage.accession_number,
+                   InboundMessage.id)
+            .where(InboundMessage.control_id.in_(ids),
+                   InboundMessage.outcome == InboundOutcome.ACCEPTED)
+            .order_by(InboundMessage.id)):
+        accepted.setdefault((sender, control_id, message_type), []).append(
+            (message_id, accession))
     for m in failed:
-        found = accepted.get((m["sender"], m["control_id"]))
-        m["resolved_by"] = found if found is not None and found > m["id"] else None
+        later = accepted.get((m["sender"], m["control_id"], m["message_type"]), [])
+        m["resolved_by"] = next(
+            (message_id for message_id, accession in later if message_id > m["id"]
+             and (m["accession_number"] is None or accession == m["accession_number"])),
+            None)
 
 
 _FIELD_REF = re.compile(r"\b([A-Z][A-Z0-9]{2})-(\d+)")

@@ -125,3 +125,38 @@ def test_messages_show_what_an_accepted_message_was_warned_of(client, store):
     assert "warning: control ID CTRL-1 reused with different content" in page
     one = client.get(f"/messages/{newest['id']}").text
     assert "reused with different content" in one
+
+
+def test_a_refused_message_is_resolved_only_by_the_same_order_accepted_later(store):
+    from broker import inbound_log
+    from broker.models import InboundOutcome
+
+    def refused(control_id: str, accession: str | None) -> int:
+        with store.writing() as session:
+            entry = inbound_log.record(
+                session, sender="RIS|HOSP", control_id=control_id, message_type="ORM^O01",
+                accession_number=accession, outcome=InboundOutcome.REJECTED, ack_code="AE",
+                reason="PID-3: no patient ID", raw=b"MSH|refused", ack=b"MSA|AE")
+            session.flush()
+            return entry.id
+
+    def accepted(control_id: str, accession: str, message_type: str = "ORM^O01") -> None:
+        with store.writing() as session:
+            inbound_log.record_accepted(
+                session, sender="RIS|HOSP", control_id=control_id, message_type=message_type,
+                accession_number=accession, raw=f"MSH|{control_id}|{accession}".encode(),
+                ack=b"MSA|AA", digest=f"{control_id}-{accession}-{message_type}", warnings=[])
+
+    fixed = refused("C1", "ACC-1")
+    no_accession = refused("C2", None)
+    reused = refused("C3", "ACC-3")
+    other_type = refused("C4", "ACC-4")
+    accepted("C1", "ACC-1")  # the RIS resent it, corrected
+    accepted("C2", "ACC-2")  # refused for want of what names the order: any order fixes it
+    accepted("C3", "ACC-9")  # a RIS that reuses control IDs: another order
+    accepted("C4", "ACC-4", "ADT^A08")
+    resolved = {m["id"]: m["resolved_by"] for m in views.messages(store)["failed"]}
+    assert resolved[fixed] is not None and resolved[fixed] > fixed
+    assert resolved[no_accession] is not None
+    assert resolved[reused] is None
+    assert resolved[other_type] is None
