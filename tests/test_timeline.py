@@ -34,6 +34,15 @@ def _order(store: Store, accession: str, start: dt.datetime | None = None) -> No
                     uid_root="1.2.3")
 
 
+def _started(store: Store, accession: str, mpps_uid: str) -> None:
+    """An order, and CT1's N-CREATE for it."""
+    _order(store, accession, T0)
+    with store.writing() as s:
+        record_mpps_create(s, MppsCreate(mpps_uid, "IN PROGRESS",
+                                         (ScheduledStepRef(accession_number=accession),),
+                                         calling_ae_title="CT1"))
+
+
 def test_exposure_batches_add_up_whatever_order_they_arrive_in(store: Store):
     later = T0 + dt.timedelta(hours=1)
     with store.writing() as s:
@@ -79,11 +88,7 @@ def test_operator_actions_are_listed_newest_first(store: Store):
 
 
 def test_timeline_reads_mpps_outbox_exposure_and_actions_oldest_first(store: Store):
-    _order(store, "A1", T0)
-    with store.writing() as s:
-        record_mpps_create(s, MppsCreate("1.2.3.9", "IN PROGRESS",
-                                         (ScheduledStepRef(accession_number="A1"),),
-                                         calling_ae_title="CT1"))
+    _started(store, "A1", "1.2.3.9")
     with store.writing() as s:
         record_mpps_set(s, MppsSet("1.2.3.9", "DISCONTINUED", end=utcnow()))
         messages = outbox.list_messages(s)
@@ -143,11 +148,7 @@ def test_exposure_of_an_item_deleted_otherwise_is_swept_with_the_inbound_log(sto
 def test_an_mpps_only_created_shows_no_n_set(store: Store):
     # Created and updated times were taken one after the other, microseconds apart: every
     # MPPS showed an "N-SET: IN PROGRESS" that no modality sent.
-    _order(store, "A2", T0)
-    with store.writing() as s:
-        record_mpps_create(s, MppsCreate("1.2.3.10", "IN PROGRESS",
-                                         (ScheduledStepRef(accession_number="A2"),),
-                                         calling_ae_title="CT1"))
+    _started(store, "A2", "1.2.3.10")
     with store.reading() as s:
         created = [e.title for e in order_timeline(s, "A2") if e.kind == "mpps"]
     assert created == ["MPPS N-CREATE: IN PROGRESS"]
