@@ -3,7 +3,7 @@
 A site's database grows by history: about ``per_day`` orders a day per site, for years,
 almost all COMPLETED by now, a few CANCELLED or DISCONTINUED, and the next week's items
 SCHEDULED. Each item is what ``import-wl`` makes of a worklist file (DICOM JSON in
-``item_dataset``, the columns as :func:`broker.dicom.wl_files.order_from_json` reads them,
+``item_dataset``, the columns as :func:`broker.item_dataset.order_from_json` reads them,
 the patient as ``apply_order`` upserts it): the rows are built with the broker's own
 conversion, only written in bulk (executemany on SQLite, COPY on PostgreSQL) instead of one
 ORM object at a time. tests/test_bench_generator.py checks one generated row against the
@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from broker.dicom.wl_files import order_from_json  # noqa: E402
 from broker.domain import ItemStatus, ProcedureData  # noqa: E402
+from broker.item_dataset import order_from_json  # noqa: E402
 from broker.store import Store  # noqa: E402
 
 # Share of a site's daily orders by modality, in percent, as a general hospital's

@@ -73,7 +73,7 @@ class ProcedureData:
     requested_procedure_priority: str | None = None  # STAT, HIGH, ROUTINE, MEDIUM, LOW
     # Every other attribute the item was given (Allergies, Medical Alerts, Pregnancy Status,
     # Scheduled Procedure Step Location, private attributes...), or a worklist file's whole
-    # dataset, as DICOM JSON (PS3.18 F): built and read by broker/dicom/wl_files.py. An
+    # dataset, as DICOM JSON (PS3.18 F): built and read by broker/item_dataset.py. An
     # order's attributes are merged into the stored ones, the order's winning.
     item_dataset: str | None = None
 

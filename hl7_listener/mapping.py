@@ -465,11 +465,11 @@ def _dicom_text(rule: Rule, text: str, location: str) -> Any:
 
 
 def _item_dataset(values: dict[str, list[Any]], rules: Any) -> str:
-    """The mapped dataset attributes as the item keeps them (broker.dicom.wl_files)."""
+    """The mapped dataset attributes as the item keeps them (broker.item_dataset)."""
     from pydicom.dataelem import DataElement
     from pydicom.dataset import Dataset
 
-    from broker.dicom.wl_files import dataset_json
+    from broker.item_dataset import dataset_json
 
     vrs = {rule.keyword: rule.target.vr for rule in rules}
     ds = Dataset()

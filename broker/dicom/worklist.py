@@ -25,7 +25,8 @@ from pydicom.tag import BaseTag
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, PersonName
 
 from broker.dicom.charsets import Unencodable, codec_for, recode
-from broker.dicom.tags import (
+from broker.dicom.wl_files import text_bytes
+from broker.dicom_tags import (
     ACCESSION_NUMBER,
     CODE_MEANING,
     CODE_SEQUENCE,
@@ -59,8 +60,8 @@ from broker.dicom.tags import (
     STATION_NAME,
     STUDY_INSTANCE_UID,
 )
-from broker.dicom.wl_files import SPS_STATUS_TERMS, ItemView, item_view, text_bytes
 from broker.domain import ItemStatus, PatientData, ProcedureData, WorklistRow
+from broker.item_dataset import SPS_STATUS_TERMS, ItemView, item_view
 from broker.matching import WorklistQuery, wildcard_regex
 
 __all__ = ["MATCHED_TAGS", "SPS_STATUS_TERMS", "answer_encoder", "query_from_identifier",
@@ -435,7 +436,7 @@ def answer_encoder(identifier: Dataset, *, character_set: str | None = None,
 
 def render_response(identifier: Dataset, row: WorklistRow) -> Dataset:
     """The C-FIND response identifier for one match: only the keys asked for, nested as asked,
-    with the values of the item's whole dataset (:func:`broker.dicom.wl_files.item_view`).
+    with the values of the item's whole dataset (:func:`broker.item_dataset.item_view`).
 
     A sequence key with an item renders that item's keys for each of the row's items; a
     zero-length sequence key (or one with an empty item) returns the items whole. Keys the

@@ -27,7 +27,7 @@ class ConsoleServices:
     mapping_report: Callable[[bytes], Any]
     listeners: list[Listener] = field(default_factory=list)
     open_associations: Callable[[], int] = lambda: 0
-    # Converts an Orthanc-style {"Tags": {...}} dataset into an order (broker.dicom.wl_files).
+    # Converts an Orthanc-style {"Tags": {...}} dataset into an order (broker.item_dataset).
     uid_root: str = "1.2.826.0.1.3680043.10.1491"
     # The audit trail (logins, operator actions); None when audit.enabled is false.
     audit: AuditTrail | None = None

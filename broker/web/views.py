@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session
 from broker import inbound_log, mpps_forward, outbox
 from broker.config import DicomConfig
 from broker.dicom.why_not import UnknownAccession, explain_recent, recorded_calling_aes
-from broker.dicom.wl_files import item_dataset
 from broker.domain import ItemStatus, WorklistRow
+from broker.item_dataset import item_dataset
 from broker.matching import InvalidQuery, WorklistQuery, conditions, find_worklist
 from broker.models import (
     InboundMessage,

@@ -5,7 +5,7 @@ Scripts written for Orthanc work unchanged: the same bodies (``{"Tags": {...}}``
 keywords, or ``"0010,0010"`` tags, sequences as lists of objects), the same answers
 (``{"ID", "Path"}``; ``[{"ID", "Tags"}]``; ``?format=Simplify|Human|Short|Full``). The ID is
 the item's accession number (unique in the broker) rather than a UUID. A dataset becomes an
-item through ``broker.dicom.wl_files`` (the conversion ``import-wl`` uses) and
+item through ``broker.item_dataset`` (the conversion ``import-wl`` uses) and
 ``broker.orders.apply_order``; DELETE cancels the item (CANCELLED: off the worklist, kept
 for the timeline and purged with the others).
 """
@@ -23,9 +23,9 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.tag import Tag
 from sqlalchemy import select
 
-from broker.dicom.wl_files import item_dataset, order_from_dataset
 from broker.domain import ItemStatus, Order, OrderControl, PatientData, ProcedureData
 from broker.errors import BrokerError
+from broker.item_dataset import item_dataset, order_from_dataset
 from broker.matching import WorklistQuery, find_worklist
 from broker.models import WorklistItem
 from broker.orders import apply_order

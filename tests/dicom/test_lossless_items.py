@@ -12,8 +12,8 @@ from pydicom import Dataset
 
 from broker.config import DicomConfig, ModalityConfig
 from broker.dicom.scp import DicomServer
-from broker.dicom.wl_files import order_from_dataset
 from broker.domain import Order, OrderControl, PatientData, ProcedureData
+from broker.item_dataset import order_from_dataset
 from broker.orders import apply_order
 from broker.store import Store
 from tests.dicom.scu import find, findscu

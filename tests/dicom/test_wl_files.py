@@ -15,15 +15,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from sqlalchemy import select
 
-from broker.dicom.wl_files import (
-    dataset_dict,
-    dataset_json,
-    export_worklist,
-    import_worklist,
-    item_dataset,
-    order_from_dataset,
-)
+from broker.dicom.wl_files import export_worklist, import_worklist
 from broker.domain import ItemStatus, WorklistRow
+from broker.item_dataset import dataset_dict, dataset_json, item_dataset, order_from_dataset
 from broker.matching import WorklistQuery, find_worklist
 from broker.models import Patient, WorklistItem
 from broker.orders import apply_order
@@ -132,7 +126,7 @@ def test_values_changed_since_the_import_are_written_over_the_kept_ones(tmp_path
 def test_the_fast_reading_of_a_file_is_pydicoms(tmp_path):
     """import-wl decodes text values from the file's bytes itself: the same values as
     pydicom's conversion, for DCMTK's examples and a UTF-8 file with every kind of text."""
-    from broker.dicom.wl_files import _json_dict
+    from broker.item_dataset import _json_dict
 
     files = dcmtk_examples(tmp_path / "wl")
     ds = pydicom.dcmread(files[0])

@@ -1,6 +1,6 @@
-"""The tags of the worklist attributes the DICOM edge reads and writes by name, looked up
-once in pydicom's dictionary: one list for the renderer, the matcher's reader and the
-worklist files."""
+"""The tags of the worklist attributes read and written by name, looked up once in pydicom's
+dictionary: one list for the item's dataset (broker.item_dataset), the DICOM edge's renderer
+and its identifier reader."""
 
 from __future__ import annotations
 
