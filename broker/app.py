@@ -14,7 +14,6 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
-from sqlalchemy.engine import make_url
 
 from broker import metrics
 from broker.audit_trail import AuditTrail, SyslogSender
@@ -25,7 +24,7 @@ from broker.errors import ConfigError
 from broker.orthanc.config_file import apply_orthanc_config
 from broker.orthanc.follower import OrthancFollower
 from broker.purge import purge
-from broker.store import Store
+from broker.store import Store, open_store
 from broker.tls import ContextSource, client_source, listener_source
 from broker.web.app import create_app
 from broker.web.security import is_loopback
@@ -57,16 +56,6 @@ def _ports(plain: int | None, tls: int | None) -> str:
     return " and ".join(shown)
 
 
-def open_store(config: BrokerConfig) -> Store:
-    """The configured database, with its schema created on first use."""
-    url = make_url(config.database.url)
-    if url.get_backend_name() == "sqlite" and url.database:
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    store = Store(config.database.url, pool_size=config.database.pool_size)
-    store.create_schema()
-    return store
-
-
 def _audit_trail(config: BrokerConfig, store: Store) -> AuditTrail | None:
     audit = config.audit
     if not audit.enabled:
@@ -86,7 +75,7 @@ class Broker:
         # Certificates first: a missing file or a mismatched key stops start-up (exit 2)
         # before anything is opened.
         self._build_tls(config)
-        self.store = open_store(config)
+        self.store = open_store(config.database.url, pool_size=config.database.pool_size)
         self._mapping_stamp = _stamp(config.mapping)
         self.audit = _audit_trail(config, self.store)
         self.handler = handler_from_config(self.store, config)

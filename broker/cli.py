@@ -28,7 +28,7 @@ from broker.config import BrokerConfig, load_config
 from broker.errors import BrokerError, ConfigError
 from broker.logs import configure_logging
 from broker.models import OUTBOX_STATES
-from broker.store import Store
+from broker.store import Store, open_store
 
 log = logging.getLogger("broker.cli")
 
@@ -51,10 +51,10 @@ def _config(args: argparse.Namespace) -> BrokerConfig:
 @contextmanager
 def _store(args: argparse.Namespace) -> Iterator[tuple[BrokerConfig, Store]]:
     """The configuration and an open store for one administrator command."""
-    from broker.app import open_store
-
     config = _config(args)
-    store = open_store(config)
+    # Not through broker.app: importing the console, the DICOM server and the HL7 listener
+    # took 1.4 s of a 1.8 s command.
+    store = open_store(config.database.url, pool_size=config.database.pool_size)
     try:
         yield config, store
     finally:

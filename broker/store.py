@@ -12,6 +12,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy.exc
@@ -160,3 +161,14 @@ class Store:
         self.write_engine.dispose()
         if self.read_engine is not self.write_engine:
             self.read_engine.dispose()
+
+
+def open_store(url: str, *, pool_size: int) -> Store:
+    """The database at ``url``, its schema created or brought up to date (and a SQLite
+    file's folder made) on first use: what ``serve`` and every administrator command open."""
+    database = make_url(url).database
+    if make_url(url).get_backend_name() == "sqlite" and database:
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    store = Store(url, pool_size=pool_size)
+    store.create_schema()
+    return store
