@@ -25,7 +25,7 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.valuerep import TEXT_VR_DELIMS, VR, PersonName
 
-from broker.dicom.worklist import MATCHED_TAGS
+from broker.dicom.worklist import MATCHED_TAGS, key_text
 from broker.matching import InvalidQuery
 
 __all__ = ["UnreadableKey", "read_identifier"]
@@ -121,9 +121,10 @@ def _read(dataset: Dataset, encodings: list[str]) -> None:
             continue
         if expected == "SQ" and vr != "SQ":
             raise UnreadableKey(tag, f"sent as {vr}, not SQ")
-        if tag in MATCHED_TAGS and vr != "SQ" and "\x00" in str(element.value or ""):
+        if tag in MATCHED_TAGS and vr != "SQ" and "\x00" in (key_text(element.value) or ""):
             # No stored value holds one, and PostgreSQL refuses a NUL in any string: the
-            # query would fail as a database error (0xC001) instead of naming the key.
+            # query would fail as a database error (0xC001) instead of naming the key. The
+            # text the matching reads, whatever the VR (bytes) or number of values.
             raise UnreadableKey(tag, "holds a NUL character")
         if vr == "SQ":
             if expected is not None and expected not in ("SQ", "UN"):

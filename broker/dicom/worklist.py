@@ -64,8 +64,8 @@ from broker.domain import ItemStatus, PatientData, ProcedureData, WorklistRow
 from broker.item_dataset import SPS_STATUS_TERMS, ItemView, item_view
 from broker.matching import WorklistQuery, wildcard_regex
 
-__all__ = ["MATCHED_TAGS", "SPS_STATUS_TERMS", "answer_encoder", "query_from_identifier",
-           "render_response", "response_renderer"]
+__all__ = ["MATCHED_TAGS", "SPS_STATUS_TERMS", "answer_encoder", "key_text",
+           "query_from_identifier", "render_response", "response_renderer"]
 
 # Text value representations, encoded once per answer (_LONG_TEXT_VRS may exceed 64 KiB).
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
@@ -119,7 +119,7 @@ _NAME_KEYS = ("patient_name", "referring_physician_name", "requesting_physician"
 
 # --- request -> query -------------------------------------------------------------------
 
-def _text(value: Any) -> str | None:
+def key_text(value: Any) -> str | None:
     """A key's value as the matching code reads it: ``None`` for universal matching."""
     if value is None:
         return None
@@ -138,7 +138,7 @@ def _text(value: Any) -> str | None:
 def _key(dataset: Dataset, tag: int) -> str | None:
     if tag not in dataset:
         return None
-    return _text(dataset[tag].value)
+    return key_text(dataset[tag].value)
 
 
 def _wildcard_regex(value: str) -> re.Pattern[str]:

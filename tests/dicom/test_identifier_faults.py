@@ -3,6 +3,7 @@ byte over a real association: each is answered, or refused with 0xA900 naming th
 
 from __future__ import annotations
 
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from broker.store import Store
@@ -71,12 +72,20 @@ def test_unreadable_value_in_a_matched_key_is_refused_naming_it(running: Running
     _refused(result, ACCESSION, "(0008,0050) AccessionNumber")
 
 
-def test_nul_inside_a_matched_key_is_refused_naming_it(store: Store) -> None:
+@pytest.mark.parametrize(("vr", "value"), [
+    ("SH", b"\x00\x01"),
+    # Found by the fuzzer on PostgreSQL: a binary VR kept the NUL out of sight of the check,
+    # and so did a second value (the check read the values' repr, which escapes it).
+    ("OB", b"*\x00"),
+    ("SH", b"A\\B\x00C "),
+])
+def test_nul_inside_a_matched_key_is_refused_naming_it(store: Store, vr: str,
+                                                       value: bytes) -> None:
     # PostgreSQL refuses a NUL in any string: the query failed as a database error (0xC001).
     load(store, ORDERS)
     server = start_server(store)
     try:
-        result = find(server.port, raw_dataset(element(ACCESSION, "SH", b"\x00\x01")),
+        result = find(server.port, raw_dataset(element(ACCESSION, vr, value)),
                       transfer_syntax=ExplicitVRLittleEndian)
     finally:
         server.stop()
