@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
+from broker.db_text import storable
 from broker.models import AuditAccession, OperatorAction, utcnow
 from broker.models import AuditEvent as AuditRow
 
@@ -70,7 +71,7 @@ def write_events(session: Session, events: Sequence[AuditEvent]) -> None:
     if not events:
         return
     table = AuditRow.__table__
-    rows = [{"at": e.at, "kind": e.kind[:_KIND_MAX], "actor": e.actor[:_ACTOR_MAX],
+    rows = [{"at": e.at, "kind": e.kind[:_KIND_MAX], "actor": storable(e.actor)[:_ACTOR_MAX],
              "address": e.address and e.address[:_ADDRESS_MAX],
              "tls_subject": e.tls_subject and e.tls_subject[:_SUBJECT_MAX],
              "outcome": e.outcome[:_OUTCOME_MAX],

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import bindparam, insert, select
 from sqlalchemy.orm import Session
 
+from broker.db_text import storable
 from broker.models import InboundMessage, InboundOutcome, utcnow
 
 
@@ -52,8 +53,8 @@ def earlier(session: Session, sender: str, control_id: str, digest: str,
 def record(session: Session, *, sender: str, control_id: str, message_type: str,
            accession_number: str | None, outcome: str, ack_code: str, reason: str | None,
            raw: bytes, ack: bytes, digest: str | None = None) -> InboundMessage:
-    entry = InboundMessage(sender=sender[:200], control_id=control_id[:200],
-                           message_type=message_type[:20],
+    entry = InboundMessage(sender=storable(sender)[:200], control_id=storable(control_id)[:200],
+                           message_type=storable(message_type)[:20],
                            accession_number=(accession_number or None) and accession_number[:16],
                            outcome=outcome, ack_code=ack_code, reason=reason, raw=raw, ack=ack,
                            content_digest=digest)

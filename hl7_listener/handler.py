@@ -160,8 +160,8 @@ class OrderMessageHandler:
             if exc.message is None:
                 return self.reject(exc.reason, exc.code, raw)
             # The header was readable: answer in the sender's terms, MSA-2 its MSH-10.
-            return _wanted(exc.message, self._refuse(exc.message, raw, exc.ack_code,
-                                                     exc.reason, ErrorDetail(exc.code)))
+            return _wanted(exc.message, self._refuse(exc.message, raw, exc.ack_code, exc.reason,
+                                                     ErrorDetail(exc.code, exc.location)))
         self._log_quirks(msg)
         return _wanted(msg, self._outcome(msg, raw))
 

@@ -59,10 +59,12 @@ class MessageError(BrokerError):
     """The bytes are not an HL7 message the broker can read; ``code`` is from table 0357."""
 
     def __init__(self, reason: str, code: str = SEGMENT_SEQUENCE_ERROR,
-                 message: ParsedMessage | None = None, ack_code: str = "AR") -> None:
+                 message: ParsedMessage | None = None, ack_code: str = "AR",
+                 location: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        self.location = location  # e.g. PID-5, for the ACK's ERR segment
         # AR: the header itself is unacceptable; AE: the header was fine, the content not.
         self.ack_code = ack_code
         # The message as far as it could be read (its header), to answer in its terms.
@@ -485,6 +487,15 @@ def _set_version(message: ParsedMessage, version: str) -> None:
         fields[12][0] = message.delimiters.component.join([version, *components[1:]])
 
 
+def _field_with_nul(message: ParsedMessage) -> str | None:
+    """The first field holding a NUL character, as ``SEG-n``."""
+    for name, fields in message.segments:
+        for number, repetitions in enumerate(fields):
+            if any("\x00" in value for value in repetitions):
+                return f"{name.replace(chr(0), '?')}-{number}" if number else "a segment name"
+    return None
+
+
 def parse(raw: bytes, charset_fallback: str | None = None) -> ParsedMessage:
     """Decode and parse an inbound message, or raise MessageError with a table 0357 code.
 
@@ -510,6 +521,14 @@ def parse(raw: bytes, charset_fallback: str | None = None) -> ParsedMessage:
         # for byte-oriented readers, our ACK's included: answer from the raw bytes.
         raise MessageError("MSH-1/MSH-2 delimiters must be single-byte characters",
                            SEGMENT_SEQUENCE_ERROR, salvage_header(raw))
+    nul = _field_with_nul(message)
+    if nul is not None:
+        # No HL7 field holds one; SQLite stored it inside names and accession numbers, and
+        # PostgreSQL refuses it in any text (the message failed as a database error).
+        reason = f"{nul} holds a NUL character (0x00), which no HL7 field may hold"
+        if nul.startswith("MSH"):
+            raise MessageError(reason, DATA_TYPE_ERROR)  # AR, in the terms of its header
+        raise MessageError(reason, DATA_TYPE_ERROR, message, ack_code="AE", location=nul)
     declared = message.delimiters.encoding_characters
     if len(declared) != 4:
         quirks.append(f"MSH-2 {declared!r} with {len(declared)} encoding characters")

@@ -66,6 +66,20 @@ def test_events_are_found_by_accession_and_by_actor_with_operator_actions(store)
     assert [e.kind for e in newest] == [Kind.OPERATOR_ACTION]
 
 
+def test_a_nul_in_what_a_sender_sent_is_stored_visibly_damaged(store):
+    # PostgreSQL refused the whole batch, and a failed batch is retried: one HL7 header
+    # with a NUL stopped the audit trail's storage for good.
+    with store.writing() as s:
+        write_events(s, [AuditEvent(Kind.HL7_RECEIVED, "RIS\x00^HOSP", "AR", at=T0,
+                                    detail={"control_id": "C\x001"}),
+                         _cfind("CT01", ("ACC1",))])
+    with store.reading() as s:
+        events = list_events(s, since=T0 - dt.timedelta(minutes=1))
+    assert sorted(e.actor for e in events) == ["CT01", "RIS\ufffd^HOSP"]
+    assert next(e for e in events if e.kind == Kind.HL7_RECEIVED).detail == {
+        "control_id": "C\x001"}
+
+
 def test_the_purge_deletes_audit_events_by_their_own_retention(store):
     now = T0 + dt.timedelta(days=400)
     with store.writing() as s:

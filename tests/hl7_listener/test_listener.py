@@ -76,6 +76,38 @@ def test_missing_field_gets_ae_with_err_naming_it_and_nothing_is_stored(listener
     assert _items(store) == {}
 
 
+@pytest.mark.parametrize(("fields", "location"), [
+    ({"patient_name": "DOE\x00^JOHN"}, "PID-5"),
+    ({"accession": "ACC\x00-2"}, "OBR-18"),
+])
+def test_a_nul_character_gets_ae_naming_its_field_and_nothing_is_stored(listener, fields,
+                                                                       location, caplog):
+    # SQLite stored it inside names and accession numbers; PostgreSQL refused it as a
+    # "database unavailable, please resend" (AE): a RIS would resend it for ever.
+    server, store = listener
+    ack = _ack(server, orm(control_id="NUL-1", **fields))
+    assert field_of(ack, "MSA", 1) == "AE"
+    assert field_of(ack, "MSA", 2) == "NUL-1"
+    assert parse_ack(ack.encode()).text.startswith(f"{location} holds a NUL character")
+    assert field_of(ack, "ERR", 1).startswith(f"{location.replace('-', '^1^')}^102&")
+    assert _items(store) == {}
+    assert "database error" not in caplog.text
+
+
+def test_a_nul_character_in_the_header_gets_ar_and_the_refusal_is_kept(listener):
+    # The ACK echoes MSH-10 byte for byte (the RIS matches it); the log keeps it with the
+    # NUL shown as U+FFFD, where PostgreSQL failed to keep the refusal at all.
+    server, store = listener
+    ack = _ack(server, orm(control_id="NUL\x00-2"))
+    assert field_of(ack, "MSA", 1) == "AR"
+    assert field_of(ack, "MSA", 2) == "NUL\x00-2"
+    assert "MSH-10 holds a NUL character" in parse_ack(ack.encode()).text
+    assert _items(store) == {}
+    with store.reading() as s:
+        logged = s.execute(text("SELECT control_id, outcome FROM inbound_message")).all()
+    assert [tuple(row) for row in logged] == [("NUL\ufffd-2", "rejected")]
+
+
 @pytest.mark.parametrize(("payload", "code", "reason"), [
     (b"this is not HL7 at all", "AR", "no MSH segment"),
     (b"PID|||123\rOBR|1\r", "AR", "no MSH segment"),
