@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from pydicom.datadict import keyword_for_tag
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
@@ -32,7 +33,48 @@ _MAX_ACCESSION = 16  # SH
 _MAX_PATIENT_ID = 64  # LO
 
 
-def _check_keys(order: Order) -> None:
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
+def _attribute_with_nul(dataset_json: str) -> str | None:
+    """The attribute of a kept dataset (DICOM JSON) that holds a NUL, named as in DICOM. In
+    JSON a NUL is an escape; a backslash typed before "u0000" is text, hence the read."""
+    if "\\u0000" not in dataset_json:
+        return None
+    for key, element in json.loads(dataset_json).items():
+        if _holds_nul(element):
+            tag = int(key, 16)
+            return f"{keyword_for_tag(tag) or 'attribute'} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    return None
+
+
+def _check_text(order: Order) -> None:
+    """No stored value holds a NUL: PostgreSQL refuses one in any text (the write failed as
+    a database error), SQLite kept it inside names and accession numbers, and no DICOM or
+    HL7 text value may carry one. One rule for every way orders come in."""
+    where = None
+    if order.procedure.item_dataset:
+        where = _attribute_with_nul(order.procedure.item_dataset)
+    for part in (order.patient, order.procedure):
+        for spec in fields(part):
+            value = getattr(part, spec.name)
+            if where is None and isinstance(value, str) and "\x00" in value:
+                where = spec.name
+    if where is not None:
+        raise InvalidOrder(f"{where} holds a NUL character (0x00), which no stored value "
+                           "may hold", code="102")
+
+
+def check_order(order: Order) -> None:
+    """What every order must hold before it is looked up or stored; raises InvalidOrder."""
+    _check_text(order)
     accession = order.procedure.accession_number
     if not accession:
         raise InvalidOrder("AccessionNumber is required", attribute="AccessionNumber")
@@ -174,7 +216,7 @@ def apply_order(session: Session, order: Order, *, uid_root: str,
     and SC sets the status the RIS gives in ORC-5. Only SCHEDULED and IN PROGRESS items are
     on the worklist.
     """
-    _check_keys(order)
+    check_order(order)
     accession = order.procedure.accession_number
     item = _find_item(session, accession, known)
 

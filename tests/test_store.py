@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 from sqlalchemy import select
@@ -56,6 +57,21 @@ def test_unknown_order_and_missing_keys_are_refused_without_writing(store):
         apply_order(s, _order(accession=""), uid_root=ROOT)
     with store.reading() as s:
         assert s.scalars(select(Patient)).all() == []
+
+
+def test_a_nul_in_any_value_of_an_order_is_refused_naming_it_without_writing(store):
+    kept = '{"00102110": {"vr": "LO", "Value": ["LA\\u0000TEX"]}}'
+    typed = '{"00102110": {"vr": "LO", "Value": ["a backslash: \\\\u0000"]}}'
+    for order, named in ((_order(sps_description="CT\x00HEAD"), "sps_description"),
+                         (_order(item_dataset=kept), "Allergies (0010,2110)")):
+        with pytest.raises(InvalidOrder, match=rf"^{re.escape(named)} holds a NUL") as refused:
+            with store.writing() as s:
+                apply_order(s, order, uid_root=ROOT)
+        assert refused.value.code == "102"
+    with store.reading() as s:
+        assert s.scalars(select(WorklistItem)).all() == []
+    with store.writing() as s:  # the text backslash-u0000 is no NUL
+        apply_order(s, _order(item_dataset=typed), uid_root=ROOT)
 
 
 def test_exclusive_lock_admits_one_holder_per_database_at_a_time(store):

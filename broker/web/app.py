@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import DataError
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from broker.config import BrokerConfig
@@ -159,6 +160,16 @@ def create_app(store: Store, config: BrokerConfig, services: ConsoleServices) ->
             return JSONResponse({"error": exc.detail}, status_code=exc.status_code,
                                 headers=exc.headers)
         return pages.error_page(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(DataError)
+    async def _unstorable(request: Request, exc: DataError) -> Response:
+        # A request carrying a value the database cannot take (a NUL character in a search
+        # or an ID on PostgreSQL): the request is wrong, not the server.
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        message = f"the database cannot take a value of this request: {reason}"
+        if _is(request.url.path, _API) or pages.wants_json(request):
+            return JSONResponse({"error": message}, status_code=400)
+        return pages.error_page(request, 400, message)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:

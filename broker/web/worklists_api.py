@@ -24,11 +24,11 @@ from pydicom.tag import Tag
 from sqlalchemy import select
 
 from broker.domain import ItemStatus, Order, OrderControl, PatientData, ProcedureData
-from broker.errors import BrokerError
+from broker.errors import BrokerError, InvalidOrder
 from broker.item_dataset import item_dataset, order_from_dataset
 from broker.matching import WorklistQuery, find_worklist
 from broker.models import WorklistItem
-from broker.orders import apply_order
+from broker.orders import apply_order, check_order
 from broker.web import audit, views
 from broker.web.context import Console, console, require
 
@@ -154,6 +154,10 @@ def _order(body: dict[str, Any], *, control: OrderControl, accession: str | None
         raise TagsError(str(exc)) from None
     if not order.procedure.accession_number:
         raise TagsError("AccessionNumber is missing: the broker keys every item by it")
+    try:
+        check_order(order)  # before the item is looked up: a NUL fails that on PostgreSQL
+    except InvalidOrder as exc:
+        raise TagsError(exc.reason) from None
     # PUT replaces the item's attributes (Orthanc's plugin rewrites the whole file).
     return Order(control, order.patient, order.procedure, message_control_id="rest-api",
                  replace=control is OrderControl.CHANGE)

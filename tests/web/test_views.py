@@ -160,3 +160,32 @@ def test_a_refused_message_is_resolved_only_by_the_same_order_accepted_later(sto
     assert resolved[no_accession] is not None
     assert resolved[reused] is None
     assert resolved[other_type] is None
+
+
+def test_a_nul_character_is_a_400_naming_the_attribute_never_a_server_error(client, store):
+    # PostgreSQL refused it as a database error (500), SQLite stored it inside the value.
+    same = {"Origin": "http://testserver"}
+    step = [{"Modality": "CT", "ScheduledProcedureStepStartDate": "20261130"}]
+    for tags, named in (({"PatientID": "P\x001", "AccessionNumber": "N-1"},
+                         "PatientID (0010,0020)"),
+                        ({"PatientID": "P1", "AccessionNumber": "N\x00-2"},
+                         "AccessionNumber (0008,0050)"),
+                        ({"PatientID": "P1", "AccessionNumber": "N-3",
+                          "Allergies": "LA\x00TEX"}, "Allergies (0010,2110)")):
+        refused = client.post("/worklists/create", headers=same,
+                              json={"Tags": {**tags, "ScheduledProcedureStepSequence": step}})
+        assert refused.status_code == 400
+        assert refused.json()["error"].startswith(f"{named} holds a NUL character")
+    from sqlalchemy import select
+
+    from broker.models import WorklistItem
+    with store.reading() as session:
+        stored = set(session.scalars(select(WorklistItem.accession_number)))
+    assert stored == {"A1", "A2", "OLD"}
+    for path in ("/worklists/N%00-2", "/orders/N%00-2"):
+        answer = client.get(path)
+        assert 400 <= answer.status_code < 500, (path, answer.status_code)
+    # A search: nothing found (SQLite) or refused (PostgreSQL), never a server error.
+    search = client.get("/api/worklist?patient_name=A%00B")
+    assert search.status_code == 400 or search.json()["items"] == []
+    assert 400 <= client.delete("/worklists/N%00-2", headers=same).status_code < 500
