@@ -492,7 +492,7 @@ def _field_with_nul(message: ParsedMessage) -> str | None:
     for name, fields in message.segments:
         for number, repetitions in enumerate(fields):
             if any("\x00" in value for value in repetitions):
-                return f"{name.replace(chr(0), '?')}-{number}" if number else "a segment name"
+                return f"{name}-{number}" if number else "a segment name"
     return None
 
 
