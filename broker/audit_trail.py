@@ -4,9 +4,11 @@ transaction (``broker.audit``), as JSON lines appended to the audit log file, an
 syslog messages to a collector (the transport IHE ATNA uses), as the C-FIND record does
 (``broker.dicom.query_recorder``).
 
-A batch the database refuses is kept for the next flush up to a bound, then dropped with a
-warning: the file and the collector have it already, and a broker must not stop answering
-modalities because its audit table is unavailable.
+A batch the database refuses while it is unavailable is kept for the next flush up to a
+bound, then dropped with a warning: the file and the collector have it already, and a broker
+must not stop answering modalities because its audit table is unavailable. When the database
+is there but refuses the batch, its events are stored one by one and only one it can never
+take is dropped (logged as an error), so that it does not hold back every flush after it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import os
 import socket
 import threading
 from pathlib import Path
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 
 from broker import audit
 from broker.audit import AuditEvent
@@ -167,14 +172,47 @@ class AuditTrail(PeriodicFlush):
         if self._store is None or not events:
             return 0
         try:
-            with self._store.writing() as session:
-                audit.write_events(session, events)
+            self._store_events(events)
+            return len(events)
         except Exception as exc:
-            with self._lock:
-                room = max(0, MAX_PENDING - len(self._rows))
-                self.dropped += len(events) - min(room, len(events))
-                self._rows[:0] = events[:room]
-            log.warning("audit: %d events not stored (kept for the next try): %s",
-                        len(events), getattr(exc, "orig", None) or exc)
-            return 0
-        return len(events)
+            if _unavailable(exc):
+                self._keep(events, exc)
+                return 0
+        # One of them can never be stored: each alone, so that it does not hold back the
+        # others at every flush after it (a batch is kept whole only while the database is
+        # unavailable).
+        stored = 0
+        for index, event in enumerate(events):
+            try:
+                self._store_events([event])
+            except Exception as exc:
+                if _unavailable(exc):
+                    self._keep(events[index:], exc)
+                    return stored
+                with self._lock:
+                    self.dropped += 1
+                log.error("audit: an event could not be stored and is dropped (the audit file "
+                          "and the collector, where configured, have it): %s %s: %s",
+                          event.kind, event.actor, getattr(exc, "orig", None) or exc)
+                continue
+            stored += 1
+        return stored
+
+    def _store_events(self, events: list[AuditEvent]) -> None:
+        assert self._store is not None
+        with self._store.writing() as session:
+            audit.write_events(session, events)
+
+    def _keep(self, events: list[AuditEvent], exc: Exception) -> None:
+        with self._lock:
+            room = max(0, MAX_PENDING - len(self._rows))
+            self.dropped += len(events) - min(room, len(events))
+            self._rows[:0] = events[:room]
+        log.warning("audit: %d events not stored (kept for the next try): %s",
+                    len(events), getattr(exc, "orig", None) or exc)
+
+
+def _unavailable(exc: Exception) -> bool:
+    """The database, not the events: unreachable, locked, a table missing, no write slot."""
+    return isinstance(exc, OperationalError | InterfaceError | SQLAlchemyTimeoutError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated)

@@ -196,6 +196,28 @@ def test_an_unreachable_collector_or_database_loses_nothing_else(tmp_path: Path,
         assert [e.actor for e in list_events(s, accession_number="ACC1")] == ["CT01"]
 
 
+def test_an_event_the_database_can_never_take_does_not_hold_back_the_others(
+        tmp_path: Path, sqlite_store, caplog):
+    # A failed batch was kept whole for the next flush: one event that can never be stored
+    # (a NUL in its actor on PostgreSQL, until this session; here a bug's event without a
+    # kind) failed every flush after it, and the trail stored nothing more until its bound
+    # dropped events.
+    log_file = tmp_path / "audit.jsonl"
+    trail = AuditTrail(sqlite_store, file=log_file)
+    trail.record(_cfind("CT01", ("ACC1",)))
+    trail.record(AuditEvent(None, "BAD", "success", at=T0))  # type: ignore[arg-type]
+    trail.record(_cfind("MR01", ("ACC2",)))
+    assert trail.flush() == 2
+    assert len(log_file.read_text().splitlines()) == 3  # the file has every one
+    assert trail.dropped == 1
+    assert "audit: an event could not be stored and is dropped" in caplog.text
+    trail.record(_cfind("US01", ("ACC3",)))
+    assert trail.flush() == 1  # nothing left over from the bad one
+    with sqlite_store.reading() as s:
+        stored = sorted(e.actor for e in list_events(s, since=T0 - dt.timedelta(days=1)))
+    assert stored == ["CT01", "MR01", "US01"]
+
+
 def test_rfc5424_header_fields_are_printable_and_bounded():
     event = AuditEvent(Kind.LOGIN, "user with spaces", "success", at=T0)
     message = rfc5424(event, hostname="host name", procid="12")
