@@ -166,9 +166,9 @@ class Store:
 def open_store(url: str, *, pool_size: int) -> Store:
     """The database at ``url``, its schema created or brought up to date (and a SQLite
     file's folder made) on first use: what ``serve`` and every administrator command open."""
-    database = make_url(url).database
-    if make_url(url).get_backend_name() == "sqlite" and database:
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     store = Store(url, pool_size=pool_size)
     store.create_schema()
     return store
