@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -112,10 +114,34 @@ def stored_attributes(session: Session, sop_instance_uid: str) -> str:
     return row.attributes_json
 
 
+# The DICOM attributes the request's values came from, to name them in a refusal.
+_KEYWORDS = {"sop_instance_uid": "AffectedSOPInstanceUID",
+             "performed_station_ae_title": "PerformedStationAETitle",
+             "calling_ae_title": "calling AE title", "accession_number": "AccessionNumber",
+             "study_instance_uid": "StudyInstanceUID",
+             "requested_procedure_id": "RequestedProcedureID",
+             "sps_id": "ScheduledProcedureStepID", "status": "PerformedProcedureStepStatus"}
+
+
+def _refuse_nul(request: MppsCreate | MppsSet) -> None:
+    """A NUL in a value the broker stores in a column or looks an item up by: SQLite kept
+    it, PostgreSQL failed the request as a database error (0x0110). 0x0106 names it (the
+    rest of the dataset is kept as JSON, where a NUL is an escape)."""
+    parts: list[Any] = [request, *getattr(request, "steps", ())]
+    for part in parts:
+        for spec in fields(part):
+            value = getattr(part, spec.name)
+            if spec.name != "attributes_json" and isinstance(value, str) and "\x00" in value:
+                name = _KEYWORDS.get(spec.name, spec.name)
+                raise MppsError(INVALID_ATTRIBUTE_VALUE,
+                                f"{name} holds a NUL character (0x00)")
+
+
 def record_mpps_create(session: Session, request: MppsCreate,
                        policy: StatusReporting = DEFAULT_REPORTING, *,
                        forward_to: Sequence[MppsDestination] = ()) -> MppsResult:
     """N-CREATE: a procedure step has started on a modality; ``forward_to`` get a copy."""
+    _refuse_nul(request)
     if request.status != MppsStatus.IN_PROGRESS:
         raise MppsError(INVALID_ATTRIBUTE_VALUE,
                         f"PerformedProcedureStepStatus must be IN PROGRESS on N-CREATE, "
@@ -165,6 +191,7 @@ def record_mpps_set(session: Session, request: MppsSet,
                     forward_to: Sequence[MppsDestination] = ()) -> MppsResult:
     """N-SET: attributes changed, and possibly the step completed or was discontinued;
     ``forward_to`` get a copy."""
+    _refuse_nul(request)
     record = session.scalars(select(MPPSTracking).where(
         MPPSTracking.sop_instance_uid == request.sop_instance_uid)).one_or_none()
     if record is None:

@@ -102,6 +102,27 @@ def test_refusals_carry_the_dicom_status_and_change_nothing(store, steps, status
         assert _outbox(store) == before
 
 
+@pytest.mark.parametrize(("request_", "named"), [
+    (MppsCreate("1.5.2", "IN PROGRESS", (ScheduledStepRef(accession_number="A1"),),
+                performed_station_ae_title="C\x00T"), "PerformedStationAETitle"),
+    (MppsCreate("1.5.2", "IN PROGRESS", (ScheduledStepRef(accession_number="A\x001"),)),
+     "AccessionNumber"),
+    (MppsCreate("1.5.\x002", "IN PROGRESS", (ScheduledStepRef(accession_number="A1"),)),
+     "AffectedSOPInstanceUID"),
+])
+def test_a_nul_in_what_the_broker_stores_or_looks_up_is_0106_naming_it(store, request_,
+                                                                      named):
+    # SQLite stored it; PostgreSQL failed the N-CREATE as a database error (0x0110).
+    _orders(store, "A1")
+    with pytest.raises(MppsError) as info, store.writing() as s:
+        record_mpps_create(s, request_)
+    assert info.value.status == 0x0106
+    assert info.value.comment.startswith(f"{named} holds a NUL character")
+    assert _statuses(store) == {"A1": ItemStatus.SCHEDULED}
+    with store.reading() as s:
+        assert s.scalars(select(MPPSTracking.id)).all() == []
+
+
 def test_create_must_be_in_progress(store):
     _orders(store, "A1")
     with pytest.raises(MppsError) as info, store.writing() as s:
