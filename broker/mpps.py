@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import fields
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from broker import mpps_forward
 from broker.config import MppsDestination
+from broker.db_text import field_with_nul
 from broker.domain import (
     DEFAULT_REPORTING,
     ItemStatus,
@@ -124,17 +123,12 @@ _KEYWORDS = {"sop_instance_uid": "AffectedSOPInstanceUID",
 
 
 def _refuse_nul(request: MppsCreate | MppsSet) -> None:
-    """A NUL in a value the broker stores in a column or looks an item up by: SQLite kept
-    it, PostgreSQL failed the request as a database error (0x0110). 0x0106 names it (the
-    rest of the dataset is kept as JSON, where a NUL is an escape)."""
-    parts: list[Any] = [request, *getattr(request, "steps", ())]
-    for part in parts:
-        for spec in fields(part):
-            value = getattr(part, spec.name)
-            if spec.name != "attributes_json" and isinstance(value, str) and "\x00" in value:
-                name = _KEYWORDS.get(spec.name, spec.name)
-                raise MppsError(INVALID_ATTRIBUTE_VALUE,
-                                f"{name} holds a NUL character (0x00)")
+    """A NUL in a value the broker stores in a column or looks an item up by (broker.db_text):
+    0x0106 names it. The rest of the dataset is kept as JSON, where a NUL is an escape."""
+    name = field_with_nul(request, *getattr(request, "steps", ()))
+    if name is not None:
+        raise MppsError(INVALID_ATTRIBUTE_VALUE,
+                        f"{_KEYWORDS.get(name, name)} holds a NUL character (0x00)")
 
 
 def record_mpps_create(session: Session, request: MppsCreate,

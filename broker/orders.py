@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydicom.datadict import keyword_for_tag
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from broker.db_text import field_with_nul, holds_nul
 from broker.domain import (
     DEFAULT_REPORTING,
     ItemStatus,
@@ -33,40 +34,23 @@ _MAX_ACCESSION = 16  # SH
 _MAX_PATIENT_ID = 64  # LO
 
 
-def _holds_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_holds_nul(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_holds_nul(v) for v in value)
-    return False
-
-
 def _attribute_with_nul(dataset_json: str) -> str | None:
     """The attribute of a kept dataset (DICOM JSON) that holds a NUL, named as in DICOM. In
     JSON a NUL is an escape; a backslash typed before "u0000" is text, hence the read."""
     if "\\u0000" not in dataset_json:
         return None
     for key, element in json.loads(dataset_json).items():
-        if _holds_nul(element):
+        if holds_nul(element):
             tag = int(key, 16)
             return f"{keyword_for_tag(tag) or 'attribute'} ({tag >> 16:04X},{tag & 0xFFFF:04X})"
     return None
 
 
 def _check_text(order: Order) -> None:
-    """No stored value holds a NUL: PostgreSQL refuses one in any text (the write failed as
-    a database error), SQLite kept it inside names and accession numbers, and no DICOM or
-    HL7 text value may carry one. One rule for every way orders come in."""
-    where = None
-    if order.procedure.item_dataset:
-        where = _attribute_with_nul(order.procedure.item_dataset)
-    for part in (order.patient, order.procedure):
-        for spec in fields(part):
-            value = getattr(part, spec.name)
-            if where is None and isinstance(value, str) and "\x00" in value:
-                where = spec.name
+    """No stored value holds a NUL (broker.db_text), whichever way the order came in."""
+    dataset = order.procedure.item_dataset
+    where = (dataset and _attribute_with_nul(dataset)) or field_with_nul(order.patient,
+                                                                          order.procedure)
     if where is not None:
         raise InvalidOrder(f"{where} holds a NUL character (0x00), which no stored value "
                            "may hold", code="102")

@@ -521,7 +521,8 @@ def parse(raw: bytes, charset_fallback: str | None = None) -> ParsedMessage:
         # for byte-oriented readers, our ACK's included: answer from the raw bytes.
         raise MessageError("MSH-1/MSH-2 delimiters must be single-byte characters",
                            SEGMENT_SEQUENCE_ERROR, salvage_header(raw))
-    nul = _field_with_nul(message)
+    # One scan of the text per message; the walk that names the field only when it has one.
+    nul = _field_with_nul(message) if "\x00" in text else None
     if nul is not None:
         # No HL7 field holds one; SQLite stored it inside names and accession numbers, and
         # PostgreSQL refuses it in any text (the message failed as a database error).

@@ -166,10 +166,8 @@ def create_app(store: Store, config: BrokerConfig, services: ConsoleServices) ->
         # A request carrying a value the database cannot take (a NUL character in a search
         # or an ID on PostgreSQL): the request is wrong, not the server.
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        message = f"the database cannot take a value of this request: {reason}"
-        if _is(request.url.path, _API) or pages.wants_json(request):
-            return JSONResponse({"error": message}, status_code=400)
-        return pages.error_page(request, 400, message)
+        return await _http_error(request, HTTPException(
+            400, f"the database cannot take a value of this request: {reason}"))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
